@@ -1,0 +1,260 @@
+"""Low-rank adapters: ALLoRA, its output-dependent variant, and plain LoRA.
+
+All three wrap a frozen ``nn.Linear`` (``base_layer``) and add a trainable ``B A x`` path.
+ALLoRA's rule lives in ``ALLoRAFunction.backward``: the upstream gradient of the adapter
+output is scaled per output row by ``c_i = 1/sqrt(||(BA)_i|| + 1/eta^2)`` before it is
+contracted into the gradients of A and B; the gradient to ``x`` is left unscaled.
+See docs/method.md for the derivation and why it cannot be an optimizer hook.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+METHODS = ("allora", "allora_od", "lora")
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def row_norms_of_product(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``||(BA)_{i,:}||_2`` for every row i, via the Gram matrix ``A A^T`` (never forms BA).
+
+    O(r^2 (n_out + n_in)) work in fp32 (fp64 for fp64 weights); clamped at 0 before the
+    square root because rounding can make ``b^T (A A^T) b`` slightly negative for tiny rows.
+    """
+    acc = _accumulation_dtype(A)
+    A32, B32 = A.to(acc), B.to(acc)
+    gram = A32 @ A32.t()  # [r, r]
+    sq = ((B32 @ gram) * B32).sum(dim=1)  # b_i^T (A A^T) b_i
+    return sq.clamp_min(0.0).sqrt()
+
+
+def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def allora_row_scale(A: torch.Tensor, B: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(c, row_norms)`` with ``c_i = 1/sqrt(||(BA)_i|| + 1/eta^2)`` (at least fp32)."""
+    norms = row_norms_of_product(A, B)
+    return torch.rsqrt(norms + 1.0 / (eta * eta)), norms
+
+
+class _Diagnostics:
+    """Holds the latest scale statistics of one adapter as a small tensor (no host sync)."""
+
+    __slots__ = ("stats",)
+
+    def __init__(self) -> None:
+        self.stats: torch.Tensor | None = None
+
+    def record(self, c: torch.Tensor, norms: torch.Tensor | None) -> None:
+        c = c.detach().float()
+        n = norms.detach().float() if norms is not None else torch.full_like(c[:1], float("nan"))
+        self.stats = torch.stack([c.min(), c.mean(), c.max(), n.min(), n.mean(), n.max()])
+
+
+class ALLoRAFunction(torch.autograd.Function):
+    """``B A x`` with ALLoRA's per-row (``od=False``) or per-token-and-row (``od=True``) gradient scale."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, eta: float, od: bool, diag: _Diagnostics):
+        h = F.linear(x, A)  # [..., r]
+        out = F.linear(h, B)  # [..., n_out]
+        ctx.save_for_backward(x, h, A, B)
+        ctx.eta, ctx.od, ctx.diag = eta, od, diag
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, h, A, B = ctx.saved_tensors
+        eta = ctx.eta
+        g2 = g.reshape(-1, g.shape[-1])  # [T, n_out]
+        x2 = x.reshape(-1, x.shape[-1])  # [T, n_in]
+        h2 = h.reshape(-1, h.shape[-1])  # [T, r]
+        if not ctx.od:
+            c, norms = allora_row_scale(A, B, eta)
+            ctx.diag.record(c, norms)
+            c = c.to(g.dtype)
+            # One GEMM gives both g B (for grad_x, unscaled) and g diag(c) B (for grad_A).
+            gB, gcB = (g2 @ torch.cat([B, B * c[:, None]], dim=1)).split(B.shape[1], dim=1)
+            grad_B = (g2.t() @ h2) * c[:, None]  # diag(c) G A^T
+        else:
+            # c depends on the token's own adapter output f(x) = h B^T; recomputed, not stored.
+            f = F.linear(h2, B)
+            c = torch.rsqrt(f.to(_accumulation_dtype(f)).abs() + 1.0 / (eta * eta)).to(g.dtype)
+            ctx.diag.record(c, None)
+            gc = g2 * c
+            gB, gcB = g2 @ B, gc @ B
+            grad_B = gc.t() @ h2
+        grad_A = gcB.t() @ x2  # B^T diag(c) G
+        grad_x = (gB @ A).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_A, grad_B, None, None, None
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What to inject: method and its hyper-parameters (validated on construction)."""
+
+    method: str = "allora"
+    rank: int = 16
+    eta: float = 2.0
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = LLAMA_TARGETS
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"adapter method {self.method!r} is not one of {', '.join(METHODS)}")
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"adapter rank must be a positive integer, got {self.rank!r}")
+        if not self.eta > 0:
+            raise ValueError(f"adapter eta must be > 0, got {self.eta!r}")
+        if self.method == "lora" and not self.alpha > 0:
+            raise ValueError(f"adapter alpha must be > 0 for lora, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"adapter dropout must be in [0, 1), got {self.dropout!r}")
+        if self.dropout and self.method != "lora":
+            raise ValueError(f"adapter dropout applies to lora only; {self.method} uses none (got {self.dropout})")
+        if not self.target_modules:
+            raise ValueError("adapter target_modules is empty")
+
+    @property
+    def scale(self) -> float:
+        """Factor on ``B A`` in forward and merge: ``alpha/r`` for LoRA, 1 for ALLoRA."""
+        return self.alpha / self.rank if self.method == "lora" else 1.0
+
+
+class AdapterLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a low-rank adapter ``lora_B @ lora_A`` trained by ``spec.method``."""
+
+    def __init__(self, base: nn.Linear, spec: AdapterSpec, generator: torch.Generator | None = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"adapters wrap nn.Linear layers, got {type(base).__name__}")
+        self.base_layer = base
+        self.spec = spec
+        # Under ZeRO-3 the base weight may already be an empty partition: the real shape is in
+        # in_features/out_features, never weight.shape.
+        self.in_features, self.out_features = base.in_features, base.out_features
+        dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
+        device = base.weight.device if base.weight.device.type != "meta" else None
+        self.lora_A = nn.Parameter(torch.empty(spec.rank, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, spec.rank, dtype=dtype, device=device))
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout else nn.Identity()
+        self.diagnostics = _Diagnostics()
+        self.reset_adapter(generator)
+
+    @torch.no_grad()
+    def reset_adapter(self, generator: torch.Generator | None = None) -> None:
+        """A: Kaiming-uniform(a=sqrt(5)) as PEFT does, i.e. U(-1/sqrt(n_in), 1/sqrt(n_in)); B: zeros."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        a = torch.empty(self.lora_A.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+        self.lora_A.copy_(a)
+        self.lora_B.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        A, B = self.lora_A, self.lora_B
+        xa = x.to(A.dtype)
+        if self.spec.method == "lora":
+            delta = F.linear(F.linear(self.dropout(xa), A), B) * self.spec.scale
+        else:
+            delta = ALLoRAFunction.apply(xa, A, B, self.spec.eta, self.spec.method == "allora_od", self.diagnostics)
+        return out + delta.to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B A`` in fp32 (needs the adapter weights gathered under ZeRO-3)."""
+        return self.spec.scale * (self.lora_B.float() @ self.lora_A.float())
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"method={s.method}, rank={s.rank}, eta={s.eta}, scale={s.scale:g}"
+
+
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """``W + scale * B A`` computed in fp32 and returned in ``weight``'s dtype."""
+    return (weight.float() + scale * (lora_B.float() @ lora_A.float())).to(weight.dtype)
+
+
+def adapter_seed(seed: int, name: str) -> int:
+    """Per-module init seed: the same adapters whatever the creation order, rank or ZeRO stage."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _matches(name: str, targets: Iterable[str]) -> str | None:
+    for t in targets:
+        if name == t or name.endswith("." + t):
+            return t
+    return None
+
+
+def inject_adapters(model: nn.Module, spec: AdapterSpec, seed: int = 0, verbose: bool = True) -> dict[str, int]:
+    """Replace the target ``nn.Linear`` modules of ``model`` by ``AdapterLinear``; freeze all else.
+
+    Works on a model whose weights ZeRO-3 has partitioned (shapes come from in/out_features).
+    Adapters are created on every rank with the same per-module seed; when DeepSpeed is in a
+    ``zero.Init`` context they are partitioned on creation, otherwise ``deepspeed.initialize``
+    partitions them. Returns ``{"trainable": n, "total": n, "adapted_modules": n}``.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    found: dict[str, nn.Module] = {}
+    hit_targets: set[str] = set()
+    for name, module in model.named_modules():
+        t = _matches(name, spec.target_modules)
+        if t is None:
+            continue
+        if isinstance(module, AdapterLinear):
+            raise ValueError(f"module {name!r} already has an adapter")
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"target {t!r} matched {name!r}, a {type(module).__name__}, not an nn.Linear")
+        found[name] = module
+        hit_targets.add(t)
+    missing = [t for t in spec.target_modules if t not in hit_targets]
+    if missing:
+        raise ValueError(f"adapter target(s) {', '.join(map(repr, missing))} match no module of {type(model).__name__}")
+    for name, module in found.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        gen = torch.Generator().manual_seed(adapter_seed(seed, name))
+        setattr(parent, child, AdapterLinear(module, spec, generator=gen))
+    counts = {
+        "trainable": sum(_numel(p) for p in model.parameters() if p.requires_grad),
+        "total": sum(_numel(p) for p in model.parameters()),
+        "adapted_modules": len(found),
+    }
+    if verbose:
+        pct = 100.0 * counts["trainable"] / max(counts["total"], 1)
+        print(
+            f"[allora_ds] {spec.method} r={spec.rank} on {len(found)} modules: "
+            f"trainable {counts['trainable']:,} / total {counts['total']:,} ({pct:.3f}%)"
+        )
+    return counts
+
+
+def _numel(p: torch.Tensor) -> int:
+    """Full element count, also for a ZeRO-3 partitioned parameter (whose .numel() is 0)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def adapter_modules(model: nn.Module) -> dict[str, AdapterLinear]:
+    """Adapted modules by their name in ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
+
+
+def scale_diagnostics(model: nn.Module) -> dict[str, float]:
+    """min/mean/max of ALLoRA's scale ``c`` and of the row norms over all adapters (one host sync)."""
+    stats = [m.diagnostics.stats for m in adapter_modules(model).values() if m.diagnostics.stats is not None]
+    if not stats:
+        return {}
+    s = torch.stack(stats).cpu()
+    out = {"c_min": s[:, 0].min(), "c_mean": s[:, 1].mean(), "c_max": s[:, 2].max()}
+    if not torch.isnan(s[:, 3]).all():
+        out.update(row_norm_min=s[:, 3].min(), row_norm_mean=s[:, 4].mean(), row_norm_max=s[:, 5].max())
+    return {k: float(v) for k, v in out.items()}

@@ -1,0 +1,33 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="allora-ds",
+    version="0.1.0",
+    description="ALLoRA finetuning of Llama-3-class models on DeepSpeed ZeRO-3, with Hugging Face export",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["allora_ds", "allora_ds.*"]),
+    package_data={"allora_ds": ["assets/*"]},
+    install_requires=[
+        "torch>=2.3",
+        "deepspeed>=0.16",
+        "transformers>=4.46",
+        "datasets>=3.0",
+        "sentencepiece>=0.2",
+        "protobuf",
+        "safetensors>=0.4",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "peft>=0.13", "accelerate>=1.0", "matplotlib", "psutil"],
+        "tensorboard": ["tensorboard"],
+    },
+    entry_points={
+        "console_scripts": [
+            "allora-train=allora_ds.train:main",
+            "allora-export=allora_ds.export:main",
+        ]
+    },
+)

@@ -1,0 +1,54 @@
+"""Shared fixtures: the tiny model built once per session, and a runner for real launchers."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_env(**extra) -> dict:
+    """Environment for child processes: deterministic, offline, CPU, one thread per rank."""
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED="0",
+        DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="",
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run(cmd, timeout=600, check=True, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """Run a command, fail the test with the tail of its output if it fails."""
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+                          env=env or test_env(), cwd=cwd or REPO)
+    if check and proc.returncode != 0:
+        out = (proc.stdout + "\n" + proc.stderr)[-6000:]
+        pytest.fail(f"command failed (rc={proc.returncode}): {' '.join(map(str, cmd))}\n{out}")
+    return proc
+
+
+def deepspeed_cmd(script_and_args, nprocs=2):
+    """The real ``deepspeed`` launcher, single node, ``nprocs`` CPU processes."""
+    return [BIN / "deepspeed", "--num_gpus", nprocs, "--master_port", free_port(), *script_and_args]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny Llama-3-architecture model + tokenizer in HF format (built offline, ~10 s)."""
+    from allora_ds.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "model")
