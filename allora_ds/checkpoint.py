@@ -1,0 +1,182 @@
+"""Checkpoints: adapters + optimizer + scheduler + data position + RNG, never the frozen base.
+
+Layout of ``OUTPUT_DIR/checkpoints/step-00000040/`` (the one place that knows it):
+
+    ds/state/...                  DeepSpeed's checkpoint (exclude_frozen_parameters): per-rank
+                                  optimizer partitions, scheduler, adapter module states
+    adapter_model.safetensors     the full fp32 adapter weights, topology-free (rank 0)
+    rng/rank-00000.pt             each rank's torch RNG state
+    trainer_state.json            step, epoch, world size, the config; written last
+
+A checkpoint is written under ``.tmp-step-…`` and renamed to ``step-…`` by rank 0 only after
+every rank has finished and ``trainer_state.json`` exists, so a crash mid-save never leaves a
+directory that looks complete. ``latest`` names the newest complete checkpoint. Resuming needs
+the same world size (DeepSpeed's optimizer partitions are per rank); a different one is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from allora_ds.errors import UserError
+
+CKPT_DIR = "checkpoints"
+DS_DIR, DS_TAG = "ds", "state"
+ADAPTER_FILE = "adapter_model.safetensors"
+STATE_FILE = "trainer_state.json"
+LATEST = "latest"
+STEP_RE = re.compile(r"^step-(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _is_zero3_param(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def gather_adapter_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full fp32 trainable weights by name (the optimizer's master copy where DeepSpeed keeps one).
+
+    A collective under ZeRO: every rank must call it; all ranks get the result.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        full = safe_get_full_fp32_param(p)
+        if full is None:  # plain fp32 training without ZeRO: the parameter is the master copy
+            full = p.detach()
+        out[name] = full.detach().float().cpu().contiguous()
+    return out
+
+
+def save(engine, run_dir: Path, step: int, trainer_state: dict, keep_last: int, rank: int) -> Path:
+    """Write a complete checkpoint for ``step`` (all ranks call this) and prune old ones."""
+    from allora_ds import faults
+
+    root = run_dir / CKPT_DIR
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{step_dir_name(step)}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
+    faults.maybe_crash_during_save(step)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(rng, tmp / "rng" / f"rank-{rank:05d}.pt")
+    adapters = gather_adapter_state(engine.module)
+    if rank == 0:
+        save_file(adapters, tmp / ADAPTER_FILE, metadata={"format": "pt"})
+    _barrier()  # every rank's files are on disk
+    if rank == 0:
+        _write_json(tmp / STATE_FILE, trainer_state)
+        if final.exists():  # a same-step checkpoint from an earlier attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_text_atomic(root / LATEST, final.name)
+        for old in complete_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    _write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def is_complete(ckpt: Path) -> bool:
+    return (ckpt / STATE_FILE).is_file() and (ckpt / ADAPTER_FILE).is_file() and (ckpt / DS_DIR / DS_TAG).is_dir()
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_RE.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def incomplete_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p.name.startswith(".tmp-") or
+                                                                (STEP_RE.match(p.name) and not is_complete(p))))
+
+
+def resolve_resume(resume: str, run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from (or None) and notes to print about skipped directories."""
+    notes = [f"ignoring incomplete checkpoint {p} (interrupted while saving)" for p in incomplete_checkpoints(run_dir)]
+    if resume == "never":
+        return None, []
+    if resume == "auto":
+        done = complete_checkpoints(run_dir)
+        return (done[-1] if done else None), notes
+    p = Path(resume)
+    if not p.is_dir():
+        raise UserError(f"train.resume: checkpoint {resume} does not exist")
+    if not is_complete(p):
+        raise UserError(f"train.resume: {resume} is not a complete checkpoint (no {STATE_FILE}, {ADAPTER_FILE} or {DS_DIR}/)")
+    return p, []
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    try:
+        return json.loads((Path(ckpt) / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{Path(ckpt) / STATE_FILE}: unreadable ({e})") from None
+
+
+def read_adapter_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The topology-free fp32 adapter weights of a checkpoint (no DeepSpeed needed)."""
+    path = Path(ckpt) / ADAPTER_FILE
+    if not path.is_file():
+        raise UserError(f"checkpoint {ckpt}: missing {ADAPTER_FILE}")
+    return load_file(path)
+
+
+def load(engine, ckpt: Path, rank: int) -> dict:
+    """Restore engine (adapters, optimizer, scheduler) and this rank's RNG; return the trainer state."""
+    state = read_trainer_state(ckpt)
+    load_path, _ = engine.load_checkpoint(str(Path(ckpt) / DS_DIR), tag=DS_TAG, load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise UserError(f"{ckpt}: DeepSpeed could not load {DS_DIR}/{DS_TAG}")
+    rng_file = Path(ckpt) / "rng" / f"rank-{rank:05d}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return state

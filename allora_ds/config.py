@@ -1,0 +1,323 @@
+"""Typed run configuration: YAML file + ``dotted.key=value`` overrides -> validated dataclasses.
+
+Every field's ``help`` is its documentation; ``allora-train --print-config-schema`` prints them.
+Mistakes raise ``UserError`` naming the file, line and key (and the nearest valid key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from allora_ds.adapters import LLAMA_TARGETS, METHODS, AdapterSpec
+from allora_ds.errors import UserError
+
+REQUIRED = object()
+
+
+def _f(default: Any, help: str, choices: tuple | None = None):
+    """A documented field; ``REQUIRED`` marks one without default."""
+    meta = {"help": help, "choices": choices}
+    if default is REQUIRED:
+        return field(default=None, metadata={**meta, "required": True})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f(REQUIRED, "Base model: a local Hugging Face directory or a hub id (e.g. meta-llama/Meta-Llama-3-8B).")
+    tokenizer: str | None = _f(None, "Tokenizer directory or hub id; defaults to model.path.")
+    dtype: str = _f("bfloat16", "Precision of the frozen base and of training (float32, bfloat16, float16).", DTYPES)
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (HF gradient checkpointing).")
+    attn_implementation: str | None = _f(None, "transformers attention backend (sdpa, eager, flash_attention_2); None = default.")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub repository to run. Off unless you trust it.")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of model.path.")
+
+
+@dataclass
+class AdapterConfig:
+    method: str = _f("allora", "allora (paper's rule), lora (PEFT-style baseline) or allora_od (output-dependent variant).", METHODS)
+    rank: int = _f(16, "Adapter rank r.")
+    eta: float = _f(2.0, "ALLoRA's eta: scale 1/sqrt(||(BA)_i|| + 1/eta^2); equals eta while a row is zero.")
+    alpha: float = _f(32.0, "LoRA only: output scale alpha/r.")
+    dropout: float = _f(0.0, "LoRA only: dropout on the adapter input (ALLoRA uses none).")
+    target_modules: list[str] = _f(list(LLAMA_TARGETS), "Names of the nn.Linear modules that get adapters.")
+
+    def spec(self) -> AdapterSpec:
+        try:
+            return AdapterSpec(method=self.method, rank=self.rank, eta=self.eta, alpha=self.alpha,
+                               dropout=self.dropout, target_modules=tuple(self.target_modules))
+        except ValueError as e:
+            raise UserError(f"adapter: {e}") from None
+
+
+FORMATS = ("alpaca", "chat", "text")
+
+
+@dataclass
+class DataConfig:
+    train: str = _f(REQUIRED, "Training data: a .jsonl/.json/.parquet/.csv file, a directory of them, or a hub dataset name.")
+    eval: str | None = _f(None, "Evaluation data (same forms as data.train); None = hold out data.eval_fraction of train.")
+    eval_fraction: float = _f(0.0, "Fraction of data.train held out for evaluation when data.eval is not set.")
+    split: str = _f("train", "Split to read from a hub dataset or a directory.")
+    format: str = _f("alpaca", "alpaca (instruction/input/output), chat (messages + the tokenizer's chat template) or text.", FORMATS)
+    text_field: str = _f("text", "Field holding the document for format text.")
+    max_seq_len: int = _f(2048, "Sequences are truncated to this many tokens (the count is reported).")
+    packing: bool = _f(False, "Pack several examples into each sequence (attention stays within each example).")
+    num_proc: int = _f(1, "Processes for tokenization (datasets.map).")
+
+
+SCHEDULERS = ("cosine", "linear", "constant")
+NONFINITE = ("stop", "skip")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/allora", "Run directory: metrics.jsonl, checkpoints/, ds_config.json, export/.")
+    deepspeed: str = _f("ds_configs/zero3_bf16.json", "DeepSpeed JSON; its \"auto\" values are filled from this config.")
+    micro_batch_size: int = _f(1, "Sequences per rank per forward pass.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    lr: float = _f(1e-4, "Peak learning rate (the paper's base rate l_b; ALLoRA's effective rate at 0 is eta*lr).")
+    epochs: int = _f(1, "Passes over the training data (ignored when train.max_steps > 0).")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 = run train.epochs.")
+    warmup_steps: int = _f(0, "Linear warmup steps.")
+    scheduler: str = _f("cosine", "Learning-rate schedule after warmup.", SCHEDULERS)
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping (global norm); 0 = off.")
+    seed: int = _f(42, "Seed for adapter init, data order and dropout.")
+    log_steps: int = _f(10, "Write metrics every this many steps.")
+    eval_steps: int = _f(0, "Evaluate every this many steps; 0 = only at the end.")
+    save_steps: int = _f(0, "Checkpoint every this many steps; 0 = only at the end.")
+    keep_last: int = _f(2, "Checkpoints to keep (oldest deleted first).")
+    resume: str = _f("auto", "auto (newest complete checkpoint in output_dir), never, or a checkpoint path.")
+    nonfinite: str = _f("stop", "On a non-finite loss: stop (keep the last good checkpoint) or skip the step.", NONFINITE)
+
+
+@dataclass
+class ExportConfig:
+    merged: bool = _f(False, "At the end of training, write a merged Hugging Face model to output_dir/export/merged.")
+    adapter: bool = _f(False, "At the end of training, write a PEFT adapter to output_dir/export/adapter.")
+    dtype: str | None = _f(None, "dtype of the merged export; None = the base model's.", (None,) + DTYPES)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "adapter": AdapterConfig, "data": DataConfig, "train": TrainConfig,
+            "export": ExportConfig}
+
+
+def _yaml_lines(text: str) -> dict[str, int]:
+    """Line number (1-based) of every ``section.key`` in a YAML mapping, for error messages."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _loc(source: str, lines: dict[str, int], key: str) -> str:
+    return f"{source}:{lines[key]}" if key in lines else source
+
+
+def _where(source: str, lines: dict[str, int], key: str) -> str:
+    return f"{_loc(source, lines, key)}: {key}"
+
+
+def _nearest(key: str, valid: list[str]) -> str:
+    m = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean {m[0]!r}?)" if m else f" (valid: {', '.join(valid)})"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 1e-4 as a string
+            except ValueError:
+                pass
+        raise UserError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, eq, raw = item.partition("=")
+    if not eq or "." not in key:
+        raise UserError(f"override {item!r}: expected section.key=value, e.g. train.lr=2e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Read YAML ``path`` (or start from ``base``), apply overrides, validate -> ``Config``."""
+    raw: dict = dict(base or {})
+    source, lines = "<config>", {}
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"config file {p}: {e.strerror or e}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f":{mark.line + 1}" if mark else ""
+            raise UserError(f"{p}{at}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{p}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
+        lines = _yaml_lines(text)
+    values: dict[str, dict] = {}
+    for sec, body in raw.items():
+        if sec not in SECTIONS:
+            raise UserError(f"{_where(source, lines, str(sec))}: unknown section{_nearest(str(sec), list(SECTIONS))}")
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise UserError(f"{_where(source, lines, sec)}: expected a mapping of keys, got {body!r}")
+        values[sec] = {str(k): (v, _loc(source, lines, f"{sec}.{k}")) for k, v in body.items()}
+    for item in overrides:
+        key, value = _parse_override(item)
+        sec, _, name = key.partition(".")
+        values.setdefault(sec, {})[name] = (value, "override")
+    sections = {}
+    for sec, body in values.items():
+        if sec not in SECTIONS:
+            raise UserError(f"unknown config section {sec!r}{_nearest(sec, list(SECTIONS))}")
+        cls = SECTIONS[sec]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        hints = typing.get_type_hints(cls)
+        for name, (value, loc) in body.items():
+            if name not in fields:
+                full = [f"{sec}.{f}" for f in fields]
+                raise UserError(f"{loc}: unknown key {sec}.{name}{_nearest(f'{sec}.{name}', full)}")
+            where = f"{loc}: {sec}.{name}"
+            v = _coerce(value, hints[name], where)
+            choices = fields[name].metadata.get("choices")
+            if choices and v not in choices:
+                raise UserError(f"{where}: {v!r} is not one of {', '.join(str(c) for c in choices)}")
+            kwargs[name] = v
+        sections[sec] = cls(**kwargs)
+    cfg = Config(**sections)
+    _validate(cfg, source, lines)
+    return cfg
+
+
+def _validate(cfg: Config, source: str, lines: dict[str, int]) -> None:
+    def bad(key: str, msg: str):
+        raise UserError(f"{_where(source, lines, key)}: {msg}")
+
+    for sec in SECTIONS:
+        obj = getattr(cfg, sec)
+        for f in dataclasses.fields(obj):
+            if f.metadata.get("required") and getattr(obj, f.name) in (None, ""):
+                bad(f"{sec}.{f.name}", f"is required ({f.metadata['help']})")
+    t = cfg.train
+    for key in ("micro_batch_size", "gradient_accumulation_steps", "log_steps", "keep_last", "epochs"):
+        if getattr(t, key) < 1:
+            bad(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+    for key in ("warmup_steps", "eval_steps", "save_steps"):
+        if getattr(t, key) < 0:
+            bad(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    if t.max_steps == 0 or t.max_steps < -1:
+        bad("train.max_steps", f"must be -1 (use epochs) or >= 1, got {t.max_steps}")
+    if not t.lr > 0:
+        bad("train.lr", f"must be > 0, got {t.lr}")
+    if t.max_grad_norm < 0:
+        bad("train.max_grad_norm", f"must be >= 0, got {t.max_grad_norm}")
+    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+        bad("train.adam_betas", f"must be two numbers in [0, 1), got {t.adam_betas}")
+    if cfg.data.max_seq_len < 2:
+        bad("data.max_seq_len", f"must be >= 2, got {cfg.data.max_seq_len}")
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        bad("data.eval_fraction", f"must be in [0, 1), got {cfg.data.eval_fraction}")
+    if cfg.data.num_proc < 1:
+        bad("data.num_proc", f"must be >= 1, got {cfg.data.num_proc}")
+    try:
+        cfg.adapter.spec()
+    except UserError as e:
+        key = next((f"adapter.{k}" for k in ("rank", "eta", "alpha", "dropout", "method", "target_modules")
+                    if k in str(e)), "adapter")
+        bad(key, str(e).removeprefix("adapter: "))
+
+
+def schema_text() -> str:
+    """Every config key with its type, default and help, for ``--print-config-schema``."""
+    out = []
+    for sec, cls in SECTIONS.items():
+        out.append(f"{sec}:")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = "(required)" if f.metadata.get("required") else repr(
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+            tp = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+            out.append(f"  {f.name}: {tp} = {default}\n      {f.metadata['help']}")
+    return "\n".join(out)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,89 @@
+"""DeepSpeed JSON config: read it, fill its ``"auto"`` values from our config, check conflicts.
+
+The trainer owns batch sizes, learning rate, clipping, precision and the LR schedule; the JSON
+owns the ZeRO stage, offload and communication settings. A value set in both must agree.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from allora_ds.config import Config
+from allora_ds.errors import UserError
+
+AUTO = "auto"
+
+
+def read_ds_config(path: str | Path) -> dict:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"train.deepspeed: cannot read {p}: {e.strerror or e}") from None
+    try:
+        ds = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
+    if not isinstance(ds, dict):
+        raise UserError(f"{p}: expected a JSON object, got {type(ds).__name__}")
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def _fill(ds: dict, key: str, value, path: Path, what: str) -> None:
+    """Set ``ds[key]`` if absent or "auto"; an explicit different value is a conflict."""
+    current = ds.get(key, AUTO)
+    if current == AUTO:
+        ds[key] = value
+    elif current != value:
+        raise UserError(f"{path}: {key} is {current!r} but {what} gives {value!r}; set it to \"auto\" or make them agree")
+
+
+def fill_ds_config(ds: dict, cfg: Config, world_size: int, hidden_size: int, path: str | Path) -> dict:
+    """Return a copy of ``ds`` with every "auto" resolved; raises ``UserError`` on conflicts."""
+    ds = json.loads(json.dumps(ds))
+    path = Path(path)
+    t = cfg.train
+    if "scheduler" in ds:
+        raise UserError(f"{path}: remove the \"scheduler\" section; the schedule comes from train.scheduler and "
+                        "train.warmup_steps")
+    _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, path, "train.micro_batch_size")
+    _fill(ds, "gradient_accumulation_steps", t.gradient_accumulation_steps, path, "train.gradient_accumulation_steps")
+    _fill(ds, "train_batch_size", t.micro_batch_size * t.gradient_accumulation_steps * world_size, path,
+          f"micro_batch_size x gradient_accumulation_steps x world size {world_size}")
+    _fill(ds, "gradient_clipping", t.max_grad_norm, path, "train.max_grad_norm")
+    for prec in ("bf16", "fp16"):
+        want = cfg.model.dtype == {"bf16": "bfloat16", "fp16": "float16"}[prec]
+        section = ds.setdefault(prec, {})
+        if section.get("enabled", AUTO) == AUTO:
+            section["enabled"] = want
+        elif bool(section["enabled"]) != want:
+            raise UserError(f"{path}: {prec}.enabled is {section['enabled']} but model.dtype is {cfg.model.dtype}")
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = opt.setdefault("params", {})
+    for key, value in (("lr", t.lr), ("betas", list(t.adam_betas)), ("eps", 1e-8), ("weight_decay", t.weight_decay)):
+        _fill(params, key, value, path, f"train config ({key})")
+    zero = ds.setdefault("zero_optimization", {})
+    # Same heuristics as the transformers DeepSpeed integration, from the model's hidden size.
+    for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
+                       ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+                       ("stage3_param_persistence_threshold", 10 * hidden_size)):
+        if zero.get(key) == AUTO:
+            zero[key] = value
+    ds.setdefault("steps_per_print", 10**9)  # we log ourselves
+    leftover = [k for k, v in _walk(ds) if v == AUTO]
+    if leftover:
+        raise UserError(f"{path}: no value to fill \"auto\" for {', '.join(leftover)}")
+    return ds
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v

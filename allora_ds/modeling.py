@@ -1,0 +1,89 @@
+"""Load the base model and tokenizer (partitioned under ZeRO-3) and apply the adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from allora_ds.adapters import inject_adapters
+from allora_ds.config import Config, ModelConfig
+from allora_ds.errors import UserError
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Llama-3.1+ reserve this token for padding; older tokenizers fall back to eos (padding is masked anyway).
+LLAMA3_PAD = "<|finetune_right_pad_id|>"
+
+
+def _source(path: str, what: str) -> str:
+    """A local directory must exist and hold the file transformers needs; anything else is a hub id."""
+    p = Path(path).expanduser()
+    if p.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        if not p.is_dir():
+            raise UserError(f"{what}: {path} is not a directory (expected a Hugging Face model directory)")
+        return str(p)
+    return path
+
+
+def load_model_config(mc: ModelConfig):
+    """The base model's ``PretrainedConfig`` (cheap: reads config.json only)."""
+    from transformers import AutoConfig
+
+    src = _source(mc.path, "model.path")
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path: cannot load a model config from {mc.path!r}: {str(e).splitlines()[0]}") from None
+    if not any(a.endswith("ForCausalLM") for a in (config.architectures or [])):
+        raise UserError(f"model.path: {mc.path} is a {config.architectures or config.model_type}, "
+                        "not a causal language model (*ForCausalLM)")
+    return config
+
+
+def load_tokenizer(mc: ModelConfig):
+    from transformers import AutoTokenizer
+
+    name = mc.tokenizer or mc.path
+    src = _source(name, "model.tokenizer" if mc.tokenizer else "model.path")
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=mc.trust_remote_code, revision=mc.revision)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.tokenizer: cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = LLAMA3_PAD if LLAMA3_PAD in tok.get_vocab() else tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(cfg: Config, ds_config: dict, verbose: bool = True):
+    """Base model from ``cfg.model`` with adapters from ``cfg.adapter`` injected.
+
+    Under ZeRO-3 transformers creates the model inside ``deepspeed.zero.Init`` (because an
+    ``HfDeepSpeedConfig`` is alive) so every rank holds only its partition from the start, and
+    the adapters are created inside ``zero.Init`` too. Returns ``(model, keepalive)``: hold on
+    to ``keepalive`` until ``deepspeed.initialize`` has run.
+    """
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    mc = cfg.model
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    keepalive = HfDeepSpeedConfig(ds_config) if zero3 else None
+    kwargs = dict(dtype=TORCH_DTYPES[mc.dtype], trust_remote_code=mc.trust_remote_code, revision=mc.revision)
+    if mc.attn_implementation:
+        kwargs["attn_implementation"] = mc.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(_source(mc.path, "model.path"), **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path: cannot load weights from {mc.path!r}: {str(e).splitlines()[0]}") from None
+    model.config.use_cache = False
+    if mc.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad (the base is frozen).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
+            counts = inject_adapters(model, cfg.adapter.spec(), seed=cfg.train.seed, verbose=verbose)
+    except ValueError as e:
+        raise UserError(f"adapter.target_modules: {e}") from None
+    return model, keepalive, counts

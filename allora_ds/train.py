@@ -1,0 +1,501 @@
+"""allora-train: finetune a causal LM with ALLoRA (or LoRA) adapters on DeepSpeed.
+
+    allora-train configs/demo.yaml train.max_steps=20                            # one process
+    deepspeed --num_gpus 8 --module allora_ds.train configs/llama3_8b_allora.yaml      # one node
+    torchrun --nproc-per-node 8 -m allora_ds.train configs/llama3_8b_allora.yaml
+    sbatch launch/slurm/llama3_8b_allora.sbatch                                  # a cluster
+
+The recipe: setup (distributed, config, tokenizer, data, model, engine, resume) -> train loop
+(micro-batches -> engine.backward/step, logging, eval, checkpoints, graceful stop) -> final
+eval, checkpoint and optional export. Loss is the mean over all response tokens of the global
+batch (every rank and micro-batch), so results do not depend on how the batch is split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from allora_ds import checkpoint, faults
+from allora_ds.adapters import scale_diagnostics
+from allora_ds.config import Config, load_config, save_config, schema_text
+from allora_ds.data import (
+    IGNORE, check_fields, collate, epoch_order, label_count, load_records, micro_rounds, pack, rank_micro_batch,
+    tokenize,
+)
+from allora_ds.ds_config import fill_ds_config, read_ds_config
+from allora_ds.errors import UserError, cli
+from allora_ds.modeling import load_model, load_model_config, load_tokenizer
+
+# Dense bf16 peak FLOP/s per device, for the MFU estimate printed on GPUs.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+class NonFiniteLoss(UserError):
+    """Raised under train.nonfinite=stop; exits 2 with the last good checkpoint kept."""
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built by ``setup``."""
+
+    cfg: Config
+    out: Path
+    rank: int
+    world: int
+    engine: object
+    tokenizer: object
+    train_rows: object
+    eval_rows: object | None
+    rounds_per_epoch: int
+    total_steps: int
+    step: int = 0
+    skipped_steps: int = 0
+    stop_requested: bool = False
+    log: object = None
+    keep: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# setup
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join the process group the launcher (deepspeed, torchrun, srun) describes, or form one of 1."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python -m allora_ds.train`: a world of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_init_required=True)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
+def local_main_first(local_rank: int):
+    """Context manager: local rank 0 runs the body first (fills caches), the others after."""
+
+    class _Ctx:
+        def __enter__(self):
+            if local_rank != 0:
+                dist.barrier()
+
+        def __exit__(self, *exc):
+            if local_rank == 0 and exc[0] is None:
+                dist.barrier()
+
+    return _Ctx()
+
+
+def prepare_data(cfg: Config, tokenizer, rank: int):
+    """Tokenized (and packed) train/eval datasets; prints the truncation report on rank 0."""
+    d = cfg.data
+    rows = load_records(d.train, d.split, "data.train")
+    check_fields(rows, d, "data.train", d.train)
+    eval_rows = None
+    if d.eval:
+        eval_rows = load_records(d.eval, d.split, "data.eval")
+        check_fields(eval_rows, d, "data.eval", d.eval)
+    elif d.eval_fraction > 0:
+        split = rows.train_test_split(test_size=d.eval_fraction, seed=cfg.train.seed)
+        rows, eval_rows = split["train"], split["test"]
+    out = []
+    for name, ds, src in (("train", rows, d.train), ("eval", eval_rows, d.eval or d.train)):
+        if ds is None:
+            out.append(None)
+            continue
+        ds, stats = tokenize(ds, tokenizer, d, src)
+        if rank == 0:
+            print(stats.describe(f"{name} data", d.max_seq_len), flush=True)
+        out.append(pack(ds, d.max_seq_len) if d.packing else ds)
+    return out
+
+
+def setup(cfg: Config) -> Run:
+    out = Path(cfg.train.output_dir)
+    # Check everything a user can get wrong before any process group or model exists.
+    ds_raw = read_ds_config(cfg.train.deepspeed)
+    model_config = load_model_config(cfg.model)
+    for key in ("train", "eval"):
+        src = getattr(cfg.data, key)
+        if src and src.startswith((".", "/", "~")) and not Path(src).expanduser().exists():
+            raise UserError(f"data.{key}: {src} does not exist")
+
+    rank, world, local_rank = init_distributed()
+    ds = fill_ds_config(ds_raw, cfg, world, getattr(model_config, "hidden_size", 4096), cfg.train.deepspeed)
+    torch.manual_seed(cfg.train.seed)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ds_config.json").write_text(json.dumps(ds, indent=2))
+        save_config(cfg, out / "config.yaml")
+
+    tokenizer = load_tokenizer(cfg.model)
+    with local_main_first(local_rank):
+        train_rows, eval_rows = prepare_data(cfg, tokenizer, rank)
+    t = cfg.train
+    rounds = micro_rounds(len(train_rows), t.micro_batch_size, world)
+    rounds -= rounds % t.gradient_accumulation_steps  # an optimizer step never spans two epochs
+    if rounds == 0:
+        raise UserError(f"data.train: {len(train_rows)} examples are fewer than one global batch "
+                        f"({t.micro_batch_size} x {t.gradient_accumulation_steps} x {world} ranks)")
+    steps_per_epoch = rounds // t.gradient_accumulation_steps
+    total = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.epochs
+
+    model, keepalive, counts = load_model(cfg, ds, verbose=rank == 0)
+    import deepspeed
+    from transformers import get_scheduler
+
+    sched = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds,
+        lr_scheduler=lambda opt: get_scheduler(sched, opt, num_warmup_steps=t.warmup_steps, num_training_steps=total),
+    )
+    torch.manual_seed(cfg.train.seed + rank)  # dropout masks differ across ranks
+    run = Run(cfg=cfg, out=out, rank=rank, world=world, engine=engine, tokenizer=tokenizer, train_rows=train_rows,
+              eval_rows=eval_rows, rounds_per_epoch=rounds, total_steps=total, keep=[keepalive])
+    if rank == 0:
+        print(f"[allora_ds] {world} rank(s), {steps_per_epoch} steps/epoch, {total} steps, global batch "
+              f"{t.micro_batch_size * t.gradient_accumulation_steps * world} sequences", flush=True)
+    resume(run)
+    return run
+
+
+def resume(run: Run) -> None:
+    ckpt, notes = checkpoint.resolve_resume(run.cfg.train.resume, run.out)
+    if run.rank == 0:
+        for n in notes:
+            print(f"[allora_ds] {n}", flush=True)
+    if ckpt is None:
+        return
+    saved = checkpoint.read_trainer_state(ckpt)
+    check_resume_compatible(run.cfg, saved, ckpt, run.world)
+    state = checkpoint.load(run.engine, ckpt, run.rank)
+    run.step, run.skipped_steps = state["step"], state.get("skipped_steps", 0)
+    if run.rank == 0:
+        print(f"[allora_ds] resumed from {ckpt} at step {run.step}", flush=True)
+
+
+# Keys whose change makes a resumed run a different experiment.
+RESUME_GUARDED = ("model.path", "model.dtype", "adapter.method", "adapter.rank", "adapter.eta", "adapter.alpha",
+                  "adapter.dropout", "adapter.target_modules", "data.train", "data.format", "data.max_seq_len",
+                  "data.packing", "train.seed", "train.micro_batch_size", "train.gradient_accumulation_steps")
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else None
+    return d
+
+
+def check_resume_compatible(cfg: Config, saved: dict, ckpt: Path, world: int) -> None:
+    old, new = saved.get("config", {}), cfg.to_dict()
+    diff = [k for k in RESUME_GUARDED if _get(old, k) != _get(new, k)]
+    if diff:
+        detail = "; ".join(f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}" for k in diff)
+        raise UserError(f"train.resume: {ckpt} was written with a different config ({detail}); "
+                        "use a new train.output_dir or train.resume=never")
+    if saved.get("world_size") != world:
+        raise UserError(f"train.resume: {ckpt} was written by {saved.get('world_size')} ranks, this run has {world}; "
+                        "DeepSpeed's optimizer partitions are per rank, so resume with the same world size "
+                        "(or start a new run from its adapters)")
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+def micro_batches(run: Run, step: int) -> tuple[list[dict], int]:
+    """This rank's micro-batches of optimizer step ``step`` (a pure function of seed and step) and
+    their number of tokens before padding."""
+    t = run.cfg.train
+    gas = t.gradient_accumulation_steps
+    epoch, first = divmod(step * gas, run.rounds_per_epoch)
+    order = epoch_order(len(run.train_rows), t.seed, epoch)
+    batches, tokens = [], 0
+    for k in range(gas):
+        rows = [run.train_rows[i] for i in rank_micro_batch(order, first + k, t.micro_batch_size, run.world, run.rank)]
+        tokens += sum(len(r["input_ids"]) for r in rows)
+        batches.append(collate(rows, run.tokenizer.pad_token_id))
+    return batches, tokens
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_step(run: Run) -> tuple[float, int, bool]:
+    """One optimizer step. Returns (this rank's share of the global mean loss, its tokens, step applied)."""
+    eng, t = run.engine, run.cfg.train
+    batches, tokens = micro_batches(run, run.step)
+    n_local = sum(label_count(b) for b in batches)
+    # One collective per step: the global label count (for the loss normaliser) and stop requests.
+    n_global, stop = all_reduce_sum([n_local, float(run.stop_requested)], eng.device)
+    run.stop_requested = stop > 0
+    # DeepSpeed divides by the accumulation steps and averages over ranks; scaling each micro-batch's
+    # summed loss by world*gas/N makes the applied gradient that of (sum of all token losses)/N.
+    per_micro = max(n_global, 1.0) / (run.world * t.gradient_accumulation_steps)
+    loss_share, bad = 0.0, False
+    for b in batches:
+        loss = eng(**_to_device(b, eng.device), num_items_in_batch=per_micro).loss
+        loss = faults.maybe_poison_loss(loss, run.step + 1)
+        finite = torch.isfinite(loss.detach()).float()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank must take the same branch
+        if finite.item() == 0:
+            bad = True
+            if t.nonfinite == "stop":
+                raise NonFiniteLoss(f"non-finite loss at step {run.step + 1}; stopped (train.nonfinite=stop). "
+                                    f"The last good checkpoint is kept in {run.out / checkpoint.CKPT_DIR}; "
+                                    "lower train.lr or check the data, then resume")
+        else:
+            eng.backward(loss)
+            loss_share += loss.item() / (t.gradient_accumulation_steps * run.world)
+        if eng.is_gradient_accumulation_boundary() and bad:
+            skip_step(eng)
+        else:
+            eng.step()
+    return loss_share, tokens, not bad
+
+
+def skip_step(engine) -> None:
+    """Drop the gradients accumulated in this step and move on without an optimizer/scheduler step."""
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        engine.optimizer.zero_grad()
+    else:
+        engine.zero_grad()
+    engine.micro_steps += 1
+
+
+def evaluate(run: Run) -> dict:
+    """Token-mean loss and perplexity on the eval set, sharded over ranks."""
+    eng, rows = run.engine, run.eval_rows
+    micro = run.cfg.train.micro_batch_size
+    # Every rank runs the same number of forwards (ZeRO-3 gathers are collective); the padding
+    # rows repeat example 0 with no labels, so they count for nothing.
+    per_round = micro * run.world
+    n_rounds = math.ceil(len(rows) / per_round)
+    order = list(range(len(rows))) + [-1] * (n_rounds * per_round - len(rows))
+    loss_sum, n_tok = 0.0, 0.0
+    eng.eval()
+    with torch.no_grad():
+        for r in range(n_rounds):
+            idx = rank_micro_batch(order, r, micro, run.world, run.rank)
+            batch_rows = [rows[i] if i >= 0 else {**rows[0], "labels": [IGNORE] * len(rows[0]["labels"])} for i in idx]
+            b = collate(batch_rows, run.tokenizer.pad_token_id)
+            n = label_count(b)
+            out = eng(**_to_device(b, eng.device), num_items_in_batch=1.0)
+            if n:
+                loss_sum += out.loss.item()
+                n_tok += n
+    eng.train()
+    loss_sum, n_tok = all_reduce_sum([loss_sum, n_tok], eng.device)
+    loss = loss_sum / max(n_tok, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(n_tok)}
+
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard when installed) on rank 0."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled, self.tb = enabled, None
+        if enabled:
+            self.f = open(out / "metrics.jsonl", "a", encoding="utf-8")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+        if self.tb:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.f.close()
+            if self.tb:
+                self.tb.close()
+
+
+def mfu(tokens_per_s: float, n_params: int, world: int) -> float | None:
+    """Model FLOPs utilisation: 4N FLOP/token (forward 2N + input-gradient 2N; the base gets no weight grads)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return 4 * n_params * tokens_per_s / (peak * world) if peak else None
+
+
+def save(run: Run) -> Path:
+    c = run.cfg
+    state = {"step": run.step, "epoch": run.step / (run.rounds_per_epoch // c.train.gradient_accumulation_steps),
+             "skipped_steps": run.skipped_steps, "world_size": run.world, "config": c.to_dict(),
+             "adapter": {"method": c.adapter.method, "rank": c.adapter.rank, "eta": c.adapter.eta,
+                         "alpha": c.adapter.alpha, "scale": c.adapter.spec().scale,
+                         "target_modules": list(c.adapter.target_modules)}}
+    return checkpoint.save(run.engine, run.out, run.step, state, c.train.keep_last, run.rank)
+
+
+def fit(run: Run) -> dict:
+    """The training loop; returns the last train/eval metrics."""
+    from tqdm import tqdm
+
+    t = run.cfg.train
+    steps_per_epoch = run.rounds_per_epoch // t.gradient_accumulation_steps
+    n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in run.engine.module.parameters())
+    run.log = MetricsLog(run.out, run.rank == 0)
+    bar = tqdm(total=run.total_steps, initial=run.step, disable=run.rank != 0, desc="train", dynamic_ncols=True)
+    last: dict = {}
+    window_loss, window_tokens, window_steps, t0 = 0.0, 0, 0, time.perf_counter()
+    while run.step < run.total_steps:
+        loss_share, tokens, applied = train_step(run)
+        run.step += 1
+        run.skipped_steps += not applied
+        window_loss += loss_share
+        window_tokens += tokens
+        window_steps += applied
+        bar.update(1)
+        if run.step % t.log_steps == 0 or run.step == run.total_steps:
+            loss_sum, tok = all_reduce_sum([window_loss, window_tokens], run.engine.device)
+            dt = time.perf_counter() - t0
+            rec = {"kind": "train", "step": run.step, "epoch": round(run.step / steps_per_epoch, 4),
+                   "loss": loss_sum / max(window_steps, 1), "lr": run.engine.get_lr()[0],
+                   "grad_norm": _float(run.engine.get_global_grad_norm()), "tokens_per_s": tok / dt,
+                   "skipped_steps": run.skipped_steps, **scale_diagnostics(run.engine.module)}
+            u = mfu(rec["tokens_per_s"], n_params, run.world)
+            if u is not None:
+                rec["mfu"] = u
+            run.log.write(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+            last.update(rec)
+            window_loss, window_tokens, window_steps, t0 = 0.0, 0, 0, time.perf_counter()
+        if run.eval_rows is not None and t.eval_steps and run.step % t.eval_steps == 0 and run.step < run.total_steps:
+            last.update(_log_eval(run))
+        if run.stop_requested:
+            path = save(run)
+            if run.rank == 0:
+                print(f"\n[allora_ds] stop signal received: saved {path} at step {run.step}; "
+                      f"run the same command again to resume (train.resume=auto)", flush=True)
+            bar.close()
+            return {**last, "stopped": True}
+        if t.save_steps and run.step % t.save_steps == 0 and run.step < run.total_steps:
+            save(run)
+    bar.close()
+    if run.eval_rows is not None:
+        last.update(_log_eval(run))
+    path = save(run)
+    last["checkpoint"] = str(path)
+    return last
+
+
+def _log_eval(run: Run) -> dict:
+    rec = {"kind": "eval", "step": run.step, **evaluate(run)}
+    run.log.write(rec)
+    if run.rank == 0:
+        tqdm_write(f"[allora_ds] step {run.step}: eval loss {rec['eval_loss']:.4f}, perplexity {rec['eval_ppl']:.2f}")
+    return rec
+
+
+def tqdm_write(msg: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(msg)
+    sys.stdout.flush()
+
+
+def _float(x) -> float | None:
+    if x is None:
+        return None
+    return float(x.item() if torch.is_tensor(x) else x)
+
+
+def install_stop_handlers(run: Run) -> None:
+    """SIGTERM/SIGUSR1 (what SLURM sends before preemption or the time limit) ask for a clean stop."""
+
+    def handler(signum, frame):
+        run.stop_requested = True
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="allora-train", description="Finetune a causal LM with ALLoRA on DeepSpeed.")
+    p.add_argument("config", nargs="?", help="YAML config (see configs/ and --print-config-schema)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=2e-4")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--print-config-schema", action="store_true", help="print every config key and exit")
+    args = p.parse_args(argv)
+    if not args.print_config_schema and not args.config:
+        p.error("the config file is required")
+    return args
+
+
+def train(cfg: Config) -> dict:
+    """Run a whole finetune (setup -> fit -> export); returns the final metrics."""
+    run = setup(cfg)
+    install_stop_handlers(run)
+    try:
+        result = fit(run)
+        if not result.get("stopped") and (cfg.export.merged or cfg.export.adapter):
+            from allora_ds.export import export_run
+
+            if run.rank == 0:
+                export_run(cfg, Path(result["checkpoint"]))
+            dist.barrier()
+        if run.rank == 0:
+            print(f"[allora_ds] done: {json.dumps(result)}\n[allora_ds] outputs in {run.out}", flush=True)
+        return result
+    finally:
+        if run.log:
+            run.log.close()
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    # DeepSpeed still calls the torch.distributed names torch 2.13 deprecated, once per call site.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.print_config_schema:
+        print(schema_text())
+        return
+    cfg = load_config(args.config, args.overrides)
+    train(cfg)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
