@@ -48,7 +48,43 @@ def deepspeed_cmd(script_and_args, nprocs=2):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """A tiny Llama-3-architecture model + tokenizer in HF format (built offline, ~10 s)."""
+    """A tiny Llama-3-architecture model + tokenizer in HF format, briefly pretrained (offline, ~10 s)."""
     from allora_ds.tiny import build_tiny
 
-    return build_tiny(tmp_path_factory.mktemp("tiny") / "model")
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "model", pretrain_steps=120)
+
+
+ASSETS = REPO / "allora_ds" / "assets"
+
+
+def write_config(path: Path, model: Path, out: Path, **sections) -> Path:
+    """A small training config for the tiny model and the shipped demo data; ``sections`` override."""
+    import yaml
+
+    cfg = {
+        "model": {"path": str(model), "dtype": "float32"},
+        "adapter": {"method": "allora", "rank": 4, "eta": 2.0},
+        "data": {"train": str(ASSETS / "demo_train.jsonl"), "eval": str(ASSETS / "demo_eval.jsonl"),
+                 "format": "alpaca", "max_seq_len": 96},
+        "train": {"output_dir": str(out), "deepspeed": str(REPO / "ds_configs" / "zero3_cpu.json"),
+                  "micro_batch_size": 4, "gradient_accumulation_steps": 2, "lr": 5e-3, "max_steps": 8,
+                  "warmup_steps": 2, "log_steps": 1, "save_steps": 4, "keep_last": 3, "seed": 3},
+    }
+    for sec, body in sections.items():
+        cfg.setdefault(sec, {}).update(body)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train_cmd(config: Path, *overrides, nprocs=2):
+    """``allora-train`` under the deepspeed launcher (nprocs > 0) or as one plain process (nprocs=0)."""
+    if nprocs == 0:
+        return [BIN / "python", "-m", "allora_ds.train", config, *overrides]
+    return deepspeed_cmd(["--module", "allora_ds.train", config, *overrides], nprocs)
+
+
+def read_metrics(run_dir: Path, kind="train") -> list[dict]:
+    import json
+
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == kind]

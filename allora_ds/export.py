@@ -1,0 +1,230 @@
+"""allora-export: a training checkpoint -> a merged Hugging Face model and/or a PEFT LoRA adapter.
+
+    allora-export --checkpoint runs/x/checkpoints/step-00000100 --output out/merged --merged
+    allora-export --checkpoint runs/x/checkpoints/step-00000100 --output out/adapter --adapter
+
+Merged: every base shard is read, the targeted weights get ``W + s*B@A`` (s = 1 for ALLoRA,
+alpha/r for LoRA) in fp32, and the shard is written straight back out: peak memory is one
+shard plus the adapters, whatever the model size. Adapter: ``adapter_model.safetensors`` +
+``adapter_config.json`` with ``lora_alpha`` chosen so PEFT's scale ``lora_alpha/r`` equals ours.
+Outputs are written to a temporary directory and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from allora_ds.checkpoint import DS_DIR, DS_TAG, is_complete, read_adapter_state, read_trainer_state
+from allora_ds.errors import UserError, cli
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json", "added_tokens.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SUFFIX_A, SUFFIX_B = ".lora_A", ".lora_B"
+
+
+def check_checkpoint(ckpt: Path) -> dict:
+    if not ckpt.is_dir():
+        raise UserError(f"--checkpoint: {ckpt} does not exist")
+    if not is_complete(ckpt):
+        raise UserError(f"--checkpoint: {ckpt} is incomplete (interrupted while saving?); use an earlier step")
+    return read_trainer_state(ckpt)
+
+
+def adapter_pairs(ckpt: Path, from_deepspeed: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module_name: (A, B)}`` in fp32, from the checkpoint's snapshot or its DeepSpeed partitions."""
+    if from_deepspeed:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / DS_DIR), tag=DS_TAG,
+                                                              exclude_frozen_parameters=True)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"--checkpoint: cannot consolidate the DeepSpeed partitions in {ckpt / DS_DIR}: {e}") from None
+        state = {k: v for k, v in state.items() if k.endswith((SUFFIX_A, SUFFIX_B))}
+    else:
+        state = read_adapter_state(ckpt)
+    pairs = {}
+    for key in state:
+        if key.endswith(SUFFIX_A):
+            name = key[: -len(SUFFIX_A)]
+            if name + SUFFIX_B not in state:
+                raise UserError(f"{ckpt}: {key} has no matching {name + SUFFIX_B}")
+            pairs[name] = (state[key].float(), state[name + SUFFIX_B].float())
+    if not pairs:
+        raise UserError(f"{ckpt}: no adapter weights found")
+    return pairs
+
+
+def resolve_base(base: str) -> Path:
+    """A local directory for the base model (downloading a hub id's safetensors when online)."""
+    p = Path(base).expanduser()
+    if p.is_dir():
+        return p
+    if base.startswith((".", "/", "~")):
+        raise UserError(f"--base: {base} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"]))
+    except Exception as e:  # noqa: BLE001 - any hub failure is the user's to fix (offline, no access)
+        raise UserError(f"--base: {base} is not a local directory and could not be fetched: {e}") from None
+
+
+def base_shards(base: Path) -> tuple[list[str], dict | None]:
+    """Shard file names of a safetensors base model, and its index (None for a single file)."""
+    index_file = base / "model.safetensors.index.json"
+    if index_file.is_file():
+        index = json.loads(index_file.read_text())
+        return sorted(set(index["weight_map"].values())), index
+    if (base / "model.safetensors").is_file():
+        return ["model.safetensors"], None
+    raise UserError(f"--base: {base} has no model.safetensors or model.safetensors.index.json")
+
+
+def _atomic_output(output: Path, overwrite: bool):
+    """A temp dir next to ``output``; ``commit(tmp)`` moves it into place."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise UserError(f"--output: {output} exists and is not empty (pass --overwrite to replace it)")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+
+    def commit():
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        os.replace(tmp, output)
+
+    return tmp, commit
+
+
+def export_merged(ckpt: Path, output: Path, base: str | None = None, dtype: str | None = None,
+                  overwrite: bool = False, from_deepspeed: bool = False) -> Path:
+    state = check_checkpoint(ckpt)
+    base_dir = resolve_base(base or state["config"]["model"]["path"])
+    scale = float(state["adapter"]["scale"])
+    pairs = adapter_pairs(ckpt, from_deepspeed)
+    shards, index = base_shards(base_dir)
+    want = {f"{name}.weight": name for name in pairs}
+    tmp, commit = _atomic_output(output, overwrite)
+    try:
+        merged = set()
+        for shard in shards:
+            tensors = {}
+            with safe_open(str(base_dir / shard), framework="pt") as f:
+                meta = f.metadata() or {}
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    if key in want:
+                        A, B = pairs[want[key]]
+                        if t.shape != (B.shape[0], A.shape[1]):
+                            raise UserError(f"adapter {want[key]} is {B.shape[0]}x{A.shape[1]} but base weight {key} "
+                                            f"is {tuple(t.shape)}: the checkpoint was trained on another base")
+                        t = (t.float() + scale * (B @ A)).to(t.dtype)
+                        merged.add(key)
+                    if dtype and t.is_floating_point():
+                        t = t.to(DTYPES[dtype])
+                    tensors[key] = t.contiguous()
+            save_file(tensors, str(tmp / shard), metadata={**meta, "format": "pt"})
+            del tensors
+        missing = sorted(set(want) - merged)
+        if missing:
+            raise UserError(f"--base: {base_dir} has no weight {missing[0]} (and {len(missing) - 1} more): "
+                            "another architecture than the checkpoint's")
+        if index is not None:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config = json.loads((base_dir / "config.json").read_text())
+        if dtype:
+            config["dtype"] = dtype
+            config.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name in ("generation_config.json",) + TOKENIZER_FILES:
+            if (base_dir / name).is_file():
+                shutil.copy2(base_dir / name, tmp / name)
+        commit()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def export_adapter(ckpt: Path, output: Path, base: str | None = None, overwrite: bool = False,
+                   from_deepspeed: bool = False) -> Path:
+    state = check_checkpoint(ckpt)
+    pairs = adapter_pairs(ckpt, from_deepspeed)
+    ad = state["adapter"]
+    rank = int(ad["rank"])
+    tensors = {}
+    for name, (A, B) in pairs.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
+        # PEFT multiplies B@A by lora_alpha / r; ALLoRA's scale is 1, LoRA's alpha / r.
+        "lora_alpha": float(ad["scale"]) * rank, "lora_dropout": 0.0,
+        "target_modules": sorted(ad["target_modules"]), "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+        "modules_to_save": None, "base_model_name_or_path": base or state["config"]["model"]["path"],
+        "revision": state["config"]["model"].get("revision"),
+    }
+    tmp, commit = _atomic_output(output, overwrite)
+    try:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        commit()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def export_run(cfg, ckpt: Path) -> dict[str, Path]:
+    """The end-of-training export asked for by ``cfg.export`` into ``output_dir/export/``."""
+    root = Path(cfg.train.output_dir) / "export"
+    done = {}
+    if cfg.export.merged:
+        done["merged"] = export_merged(ckpt, root / "merged", dtype=cfg.export.dtype, overwrite=True)
+    if cfg.export.adapter:
+        done["adapter"] = export_adapter(ckpt, root / "adapter", overwrite=True)
+    for kind, path in done.items():
+        print(f"[allora_ds] exported {kind}: {path}", flush=True)
+    return done
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="allora-export", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint dir: RUN/checkpoints/step-N")
+    p.add_argument("--output", required=True, type=Path, help="output directory (with both kinds: OUTPUT/merged, OUTPUT/adapter)")
+    p.add_argument("--merged", action="store_true", help="write the merged Hugging Face model")
+    p.add_argument("--adapter", action="store_true", help="write the PEFT LoRA adapter")
+    p.add_argument("--base", help="base model dir or hub id (default: the model.path the run trained on)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the merged weights (default: the base's)")
+    p.add_argument("--from-deepspeed", action="store_true",
+                   help="consolidate the adapters from DeepSpeed's fp32 optimizer partitions instead of the snapshot")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    a = p.parse_args(argv)
+    if not (a.merged or a.adapter):
+        raise UserError("nothing to do: pass --merged and/or --adapter")
+    both = a.merged and a.adapter
+    if a.merged:
+        out = export_merged(a.checkpoint, a.output / "merged" if both else a.output, a.base, a.dtype, a.overwrite,
+                            a.from_deepspeed)
+        print(f"merged model: {out}")
+    if a.adapter:
+        out = export_adapter(a.checkpoint, a.output / "adapter" if both else a.output, a.base, a.overwrite,
+                             a.from_deepspeed)
+        print(f"PEFT adapter: {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
