@@ -231,6 +231,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
             raise UserError(f"{p}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
         lines = _yaml_lines(text)
     values: dict[str, dict] = {}
+    origins: dict[str, str] = {}  # "section.key" -> where its value came from, for error messages
     for sec, body in raw.items():
         if sec not in SECTIONS:
             raise UserError(f"{_where(source, lines, str(sec))}: unknown section{_nearest(str(sec), list(SECTIONS))}")
@@ -238,20 +239,24 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
             body = {}
         if not isinstance(body, dict):
             raise UserError(f"{_where(source, lines, sec)}: expected a mapping of keys, got {body!r}")
-        values[sec] = {str(k): (v, _loc(source, lines, f"{sec}.{k}")) for k, v in body.items()}
+        for k, v in body.items():
+            values.setdefault(sec, {})[str(k)] = v
+            origins[f"{sec}.{k}"] = _loc(source, lines, f"{sec}.{k}")
     for item in overrides:
         key, value = _parse_override(item)
         sec, _, name = key.partition(".")
-        values.setdefault(sec, {})[name] = (value, "override")
+        if sec not in SECTIONS:
+            raise UserError(f"override {key}: unknown section {sec!r}{_nearest(sec, list(SECTIONS))}")
+        values.setdefault(sec, {})[name] = value
+        origins[key] = "override"
     sections = {}
     for sec, body in values.items():
-        if sec not in SECTIONS:
-            raise UserError(f"unknown config section {sec!r}{_nearest(sec, list(SECTIONS))}")
         cls = SECTIONS[sec]
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs = {}
         hints = typing.get_type_hints(cls)
-        for name, (value, loc) in body.items():
+        kwargs = {}
+        for name, value in body.items():
+            loc = origins[f"{sec}.{name}"]
             if name not in fields:
                 full = [f"{sec}.{f}" for f in fields]
                 raise UserError(f"{loc}: unknown key {sec}.{name}{_nearest(f'{sec}.{name}', full)}")
@@ -263,13 +268,13 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
             kwargs[name] = v
         sections[sec] = cls(**kwargs)
     cfg = Config(**sections)
-    _validate(cfg, source, lines)
+    _validate(cfg, lambda key: origins.get(key, source))
     return cfg
 
 
-def _validate(cfg: Config, source: str, lines: dict[str, int]) -> None:
+def _validate(cfg: Config, origin) -> None:
     def bad(key: str, msg: str):
-        raise UserError(f"{_where(source, lines, key)}: {msg}")
+        raise UserError(f"{origin(key)}: {key}: {msg}")
 
     for sec in SECTIONS:
         obj = getattr(cfg, sec)
@@ -302,7 +307,7 @@ def _validate(cfg: Config, source: str, lines: dict[str, int]) -> None:
     except UserError as e:
         key = next((f"adapter.{k}" for k in ("rank", "eta", "alpha", "dropout", "method", "target_modules")
                     if k in str(e)), "adapter")
-        bad(key, str(e).removeprefix("adapter: "))
+        bad(key, str(e).removeprefix("adapter: ").removeprefix("adapter "))
 
 
 def schema_text() -> str:

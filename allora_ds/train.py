@@ -140,10 +140,6 @@ def setup(cfg: Config) -> Run:
     rank, world, local_rank = init_distributed()
     ds = fill_ds_config(ds_raw, cfg, world, getattr(model_config, "hidden_size", 4096), cfg.train.deepspeed)
     torch.manual_seed(cfg.train.seed)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ds_config.json").write_text(json.dumps(ds, indent=2))
-        save_config(cfg, out / "config.yaml")
 
     tokenizer = load_tokenizer(cfg.model)
     with local_main_first(local_rank):
@@ -173,7 +169,20 @@ def setup(cfg: Config) -> Run:
         print(f"[allora_ds] {world} rank(s), {steps_per_epoch} steps/epoch, {total} steps, global batch "
               f"{t.micro_batch_size * t.gradient_accumulation_steps * world} sequences", flush=True)
     resume(run)
+    if rank == 0:  # only now: a run that failed to set up leaves an existing output_dir untouched
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ds_config.json").write_text(json.dumps(ds, indent=2))
+        save_config(cfg, out / "config.yaml")
+        truncate_metrics(out / "metrics.jsonl", run.step)
     return run
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records after ``step`` (logged by an interrupted run after its last checkpoint)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
 
 
 def resume(run: Run) -> None:

@@ -88,3 +88,11 @@ def read_metrics(run_dir: Path, kind="train") -> list[dict]:
 
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["kind"] == kind]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """The demo's sentencepiece tokenizer alone (Llama-3 special tokens and chat template)."""
+    from allora_ds.tiny import build_tokenizer
+
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
