@@ -155,8 +155,18 @@ def _where(source: str, lines: dict[str, int], key: str) -> str:
     return f"{_loc(source, lines, key)}: {key}"
 
 
+# Names users bring from the HF Trainer / PEFT, mapped to ours, for "did you mean".
+ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "micro_batch_size",
+           "batch_size": "micro_batch_size", "logging_steps": "log_steps", "save_total_limit": "keep_last",
+           "lr_scheduler_type": "scheduler", "max_length": "max_seq_len", "r": "rank", "lora_r": "rank",
+           "lora_alpha": "alpha", "lora_dropout": "dropout", "model_name_or_path": "path", "torch_dtype": "dtype",
+           "dataset": "train", "train_file": "train", "resume_from_checkpoint": "resume", "deepspeed_config": "deepspeed"}
+
+
 def _nearest(key: str, valid: list[str]) -> str:
-    m = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    sec, _, name = key.rpartition(".")
+    alias = f"{sec}.{ALIASES[name]}" if sec and name in ALIASES else ALIASES.get(name)
+    m = [alias] if alias in valid else difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f" (did you mean {m[0]!r}?)" if m else f" (valid: {', '.join(valid)})"
 
 

@@ -57,16 +57,16 @@ def tiny_model(tmp_path_factory) -> Path:
 ASSETS = REPO / "allora_ds" / "assets"
 
 
-def write_config(path: Path, model: Path, out: Path, **sections) -> Path:
+def write_config(path: Path, model_dir: Path, out_dir: Path, **sections) -> Path:
     """A small training config for the tiny model and the shipped demo data; ``sections`` override."""
     import yaml
 
     cfg = {
-        "model": {"path": str(model), "dtype": "float32"},
+        "model": {"path": str(model_dir), "dtype": "float32"},
         "adapter": {"method": "allora", "rank": 4, "eta": 2.0},
         "data": {"train": str(ASSETS / "demo_train.jsonl"), "eval": str(ASSETS / "demo_eval.jsonl"),
                  "format": "alpaca", "max_seq_len": 96},
-        "train": {"output_dir": str(out), "deepspeed": str(REPO / "ds_configs" / "zero3_cpu.json"),
+        "train": {"output_dir": str(out_dir), "deepspeed": str(REPO / "ds_configs" / "zero3_cpu.json"),
                   "micro_batch_size": 4, "gradient_accumulation_steps": 2, "lr": 5e-3, "max_steps": 8,
                   "warmup_steps": 2, "log_steps": 1, "save_steps": 4, "keep_last": 3, "seed": 3},
     }
@@ -74,6 +74,16 @@ def write_config(path: Path, model: Path, out: Path, **sections) -> Path:
         cfg.setdefault(sec, {}).update(body)
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_model, tmp_path_factory):
+    """One real 2-rank ZeRO-3 run of 8 steps (checkpoints at 4 and 8, export at the end), shared by
+    the trainer, export and reliability tests. Returns (run_dir, config_path, completed_process)."""
+    d = tmp_path_factory.mktemp("e2e")
+    cfg = write_config(d / "cfg.yaml", tiny_model, d / "run", export={"merged": True, "adapter": True})
+    proc = run(train_cmd(cfg))
+    return d / "run", cfg, proc
 
 
 def train_cmd(config: Path, *overrides, nprocs=2):

@@ -8,18 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import read_metrics, run, train_cmd, write_config
+from tests.conftest import read_metrics, run, train_cmd
 
 STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_model, tmp_path_factory):
-    """One 8-step run (checkpoints at 4 and 8, export at the end) shared by the tests below."""
-    d = tmp_path_factory.mktemp("e2e")
-    cfg = write_config(d / "cfg.yaml", tiny_model, d / "run", export={"merged": True, "adapter": True})
-    proc = run(train_cmd(cfg))
-    return d / "run", cfg, proc
 
 
 def test_loss_decreases(trained):
