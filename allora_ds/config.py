@@ -103,6 +103,7 @@ class TrainConfig:
     save_steps: int = _f(0, "Checkpoint every this many steps; 0 = only at the end.")
     keep_last: int = _f(2, "Checkpoints to keep (oldest deleted first).")
     resume: str = _f("auto", "auto (newest complete checkpoint in output_dir), never, or a checkpoint path.")
+    resume_allow_changes: list[str] = _f([], "Keys (e.g. data.train) allowed to differ from the checkpoint's config on resume.")
     nonfinite: str = _f("stop", "On a non-finite loss: stop (keep the last good checkpoint) or skip the step.", NONFINITE)
 
 

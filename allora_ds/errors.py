@@ -10,6 +10,8 @@ import sys
 class UserError(Exception):
     """A mistake in the user's input (config, data, paths, arguments), not a bug."""
 
+    exit_code = 2
+
 
 def _rank_prefix() -> str:
     try:
@@ -23,7 +25,7 @@ def _rank_prefix() -> str:
 
 
 def cli(fn):
-    """Wrap a CLI ``main``: a ``UserError`` becomes ``error: <message>`` on stderr and exit code 2.
+    """Wrap a CLI ``main``: a ``UserError`` becomes ``error: <message>`` on stderr and its exit code (2).
 
     Before distributed init every process sees the same inputs, so only local rank 0 prints;
     afterwards each failing rank prints with its rank so a node-specific problem is visible.
@@ -37,6 +39,6 @@ def cli(fn):
             prefix = _rank_prefix()
             if prefix or os.environ.get("LOCAL_RANK", "0") == "0":
                 print(f"error: {prefix}{e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            sys.exit(e.exit_code)
 
     return wrapper

@@ -44,7 +44,9 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A
 
 
 class NonFiniteLoss(UserError):
-    """Raised under train.nonfinite=stop; exits 2 with the last good checkpoint kept."""
+    """Raised under train.nonfinite=stop: the run ends (exit code 3), the last good checkpoint stays."""
+
+    exit_code = 3
 
 
 @dataclass
@@ -139,6 +141,12 @@ def setup(cfg: Config) -> Run:
 
     rank, world, local_rank = init_distributed()
     ds = fill_ds_config(ds_raw, cfg, world, getattr(model_config, "hidden_size", 4096), cfg.train.deepspeed)
+    ckpt, notes = checkpoint.resolve_resume(cfg.train.resume, out)
+    if ckpt is not None:  # refuse an incompatible resume before loading anything big
+        check_resume_compatible(cfg, checkpoint.read_trainer_state(ckpt), ckpt, world)
+    if rank == 0:
+        for n in notes:
+            print(f"[allora_ds] {n}", flush=True)
     torch.manual_seed(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model)
@@ -168,7 +176,11 @@ def setup(cfg: Config) -> Run:
     if rank == 0:
         print(f"[allora_ds] {world} rank(s), {steps_per_epoch} steps/epoch, {total} steps, global batch "
               f"{t.micro_batch_size * t.gradient_accumulation_steps * world} sequences", flush=True)
-    resume(run)
+    if ckpt is not None:
+        state = checkpoint.load(engine, ckpt, rank)
+        run.step, run.skipped_steps = state["step"], state.get("skipped_steps", 0)
+        if rank == 0:
+            print(f"[allora_ds] resumed from {ckpt} at step {run.step}", flush=True)
     if rank == 0:  # only now: a run that failed to set up leaves an existing output_dir untouched
         out.mkdir(parents=True, exist_ok=True)
         (out / "ds_config.json").write_text(json.dumps(ds, indent=2))
@@ -185,21 +197,6 @@ def truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
 
 
-def resume(run: Run) -> None:
-    ckpt, notes = checkpoint.resolve_resume(run.cfg.train.resume, run.out)
-    if run.rank == 0:
-        for n in notes:
-            print(f"[allora_ds] {n}", flush=True)
-    if ckpt is None:
-        return
-    saved = checkpoint.read_trainer_state(ckpt)
-    check_resume_compatible(run.cfg, saved, ckpt, run.world)
-    state = checkpoint.load(run.engine, ckpt, run.rank)
-    run.step, run.skipped_steps = state["step"], state.get("skipped_steps", 0)
-    if run.rank == 0:
-        print(f"[allora_ds] resumed from {ckpt} at step {run.step}", flush=True)
-
-
 # Keys whose change makes a resumed run a different experiment.
 RESUME_GUARDED = ("model.path", "model.dtype", "adapter.method", "adapter.rank", "adapter.eta", "adapter.alpha",
                   "adapter.dropout", "adapter.target_modules", "data.train", "data.format", "data.max_seq_len",
@@ -214,15 +211,16 @@ def _get(d: dict, dotted: str):
 
 def check_resume_compatible(cfg: Config, saved: dict, ckpt: Path, world: int) -> None:
     old, new = saved.get("config", {}), cfg.to_dict()
-    diff = [k for k in RESUME_GUARDED if _get(old, k) != _get(new, k)]
+    allowed = set(cfg.train.resume_allow_changes)
+    diff = [k for k in RESUME_GUARDED if _get(old, k) != _get(new, k) and k not in allowed]
     if diff:
         detail = "; ".join(f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}" for k in diff)
-        raise UserError(f"train.resume: {ckpt} was written with a different config ({detail}); "
-                        "use a new train.output_dir or train.resume=never")
+        raise UserError(f"train.resume: {ckpt} was written with a different config ({detail}); use a new "
+                        f"train.output_dir, or train.resume_allow_changes={','.join(diff)} if the change is intended")
     if saved.get("world_size") != world:
         raise UserError(f"train.resume: {ckpt} was written by {saved.get('world_size')} ranks, this run has {world}; "
-                        "DeepSpeed's optimizer partitions are per rank, so resume with the same world size "
-                        "(or start a new run from its adapters)")
+                        "DeepSpeed's optimizer state is partitioned per rank, so resume with the same number of "
+                        "processes")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +255,7 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
 def train_step(run: Run) -> tuple[float, int, bool]:
     """One optimizer step. Returns (this rank's share of the global mean loss, its tokens, step applied)."""
     eng, t = run.engine, run.cfg.train
+    faults.at_step_start(run.step + 1)
     batches, tokens = micro_batches(run, run.step)
     n_local = sum(label_count(b) for b in batches)
     # One collective per step: the global label count (for the loss normaliser) and stop requests.

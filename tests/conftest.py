@@ -31,6 +31,9 @@ def test_env(**extra) -> dict:
     return env
 
 
+test_env.__test__ = False  # a helper, not a test
+
+
 def run(cmd, timeout=600, check=True, env=None, cwd=None) -> subprocess.CompletedProcess:
     """Run a command, fail the test with the tail of its output if it fails."""
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,

@@ -1,0 +1,100 @@
+"""Fault injection on real 2-rank ZeRO-3 runs: killed ranks, crashes mid-save, stop signals, NaNs.
+
+Each faulty run uses the config of the shared uninterrupted ``trained`` run (8 steps, checkpoints
+every 4) with another output_dir, so "nothing lost" is checked bitwise against it.
+"""
+
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import read_metrics, run, test_env, train_cmd
+
+FINAL = "step-00000008"
+
+
+def _launch(cfg, out, fault=None, check=True, *overrides):
+    env = test_env(ALLORA_DS_FAULT=fault) if fault else test_env()
+    return run(train_cmd(cfg, f"train.output_dir={out}", "export.merged=false", "export.adapter=false", *overrides),
+               env=env, check=check)
+
+
+def _ckpts(out):
+    return sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+
+
+def _assert_same_as_uninterrupted(trained_dir, out):
+    straight = [(r["step"], r["loss"]) for r in read_metrics(trained_dir)]
+    again = [(r["step"], r["loss"]) for r in read_metrics(out)]
+    assert again == straight, f"per-step losses differ:\n uninterrupted {straight}\n interrupted   {again}"
+    a = load_file(trained_dir / "checkpoints" / FINAL / "adapter_model.safetensors")
+    b = load_file(out / "checkpoints" / FINAL / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k}: final adapter weights differ from the uninterrupted run"
+
+
+def test_killed_rank_and_crash_during_save_lose_nothing(trained, tmp_path):
+    run_dir, cfg, _ = trained
+    out = tmp_path / "run"
+    # 1. Rank 1 is SIGKILLed as step 6 starts, after the step-4 checkpoint.
+    p = _launch(cfg, out, "sigkill@6:1", check=False)
+    assert p.returncode != 0, "the launcher must report the killed rank"
+    assert _ckpts(out) == ["step-00000004"]
+    # 2. Resumed; now rank 0 dies while writing the step-8 checkpoint (after DeepSpeed wrote its part).
+    p = _launch(cfg, out, "crash_in_save@8:0", check=False)
+    assert p.returncode != 0
+    assert _ckpts(out) == [".tmp-step-00000008", "step-00000004"], "a half-written checkpoint must not look complete"
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000004"
+    # 3. Resumed again: the half-written directory is reported and skipped, step 4 is used.
+    p = _launch(cfg, out)
+    log = p.stdout + p.stderr
+    assert "ignoring incomplete checkpoint" in log and ".tmp-step-00000008" in log, log[-3000:]
+    assert "resumed from" in log and "step-00000004 at step 4" in log
+    _assert_same_as_uninterrupted(run_dir, out)
+
+
+def test_stop_signal_saves_and_resume_finishes_the_same(trained, tmp_path):
+    run_dir, cfg, _ = trained
+    out = tmp_path / "run"
+    # SIGTERM reaches only rank 1 (as step 3 starts); every rank must stop at the same step boundary.
+    p = _launch(cfg, out, "sigterm@3:1")
+    assert "stop signal received" in p.stdout + p.stderr
+    assert _ckpts(out) == ["step-00000003"] and [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    _launch(cfg, out)
+    _assert_same_as_uninterrupted(run_dir, out)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path):
+    _, cfg, _ = trained
+    out = tmp_path / "run"
+    p = _launch(cfg, out, "nonfinite_loss@6:0", check=False)
+    assert p.returncode == 3, p.stderr[-3000:]
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert errors and all("non-finite loss at step 6; stopped (train.nonfinite=stop)" in e for e in errors), errors
+    assert "Traceback" not in p.stderr
+    assert _ckpts(out) == ["step-00000004"] and (out / "checkpoints" / "latest").read_text() == "step-00000004"
+    weights = load_file(out / "checkpoints" / "step-00000004" / "adapter_model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_nonfinite_loss_skip_policy_counts_and_continues(trained, tmp_path):
+    _, cfg, _ = trained
+    out = tmp_path / "run"
+    _launch(cfg, out, "nonfinite_loss@3:1", True, "train.nonfinite=skip")
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert all(r["loss"] == r["loss"] for r in rows), "a skipped step must not report a NaN loss"
+    weights = load_file(out / "checkpoints" / FINAL / "adapter_model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_incompatible_resume_is_refused_by_key(trained, tmp_path):
+    run_dir, cfg, _ = trained
+    p = run(train_cmd(cfg, "adapter.rank=8", "train.seed=4"), check=False)  # same output_dir: resumes step 8
+    err = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "adapter.rank: 4 -> 8" in err and "train.seed: 3 -> 4" in err, p.stderr[-2000:]
+    assert "train.resume_allow_changes=adapter.rank,train.seed" in err
+    p = run(train_cmd(cfg, nprocs=1), check=False)
+    err = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "written by 2 ranks, this run has 1" in err, p.stderr[-2000:]
