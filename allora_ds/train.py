@@ -402,7 +402,8 @@ def fit(run: Run) -> dict:
             if u is not None:
                 rec["mfu"] = u
             run.log.write(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                            **({"mfu": f"{u:.1%}"} if u is not None else {}))
             last.update(rec)
             window_loss, window_tokens, window_steps, t0 = 0.0, 0, 0, time.perf_counter()
         if run.eval_rows is not None and t.eval_steps and run.step % t.eval_steps == 0 and run.step < run.total_steps:
@@ -483,8 +484,9 @@ def train(cfg: Config) -> dict:
             if run.rank == 0:
                 export_run(cfg, Path(result["checkpoint"]))
             dist.barrier()
-        if run.rank == 0:
-            print(f"[allora_ds] done: {json.dumps(result)}\n[allora_ds] outputs in {run.out}", flush=True)
+        if run.rank == 0 and not result.get("stopped"):
+            summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("loss", "eval_loss", "eval_ppl") if k in result)
+            print(f"[allora_ds] finished at step {run.step}: {summary}; outputs in {run.out}", flush=True)
         return result
     finally:
         if run.log:

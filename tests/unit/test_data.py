@@ -153,3 +153,15 @@ def test_bad_data_is_reported_with_file_and_line(tmp_path, tiny_tokenizer, conte
 def test_missing_data_file_is_named(tmp_path):
     with pytest.raises(UserError, match=r"data.train: .*missing.jsonl does not exist"):
         load_records(str(tmp_path / "missing.jsonl"), "train", "data.train")
+
+
+def test_eval_fraction_holds_out_a_seeded_split(tmp_path, tiny_tokenizer):
+    from allora_ds.config import load_config
+    from allora_ds.train import prepare_data
+
+    p = _jsonl(tmp_path, [{"instruction": f"Add {i} and 1.", "input": "", "output": str(i + 1)} for i in range(40)])
+    cfg = load_config(None, ["model.path=x", f"data.train={p}", "data.eval_fraction=0.25", "train.seed=1"])
+    train, ev = prepare_data(cfg, tiny_tokenizer, rank=0)
+    assert (len(train), len(ev)) == (30, 10)
+    train2, ev2 = prepare_data(cfg, tiny_tokenizer, rank=0)
+    assert ev["input_ids"] == ev2["input_ids"] and not set(map(tuple, ev["input_ids"])) & set(map(tuple, train["input_ids"]))
