@@ -7,6 +7,7 @@ local rank 0 first so the other ranks read the cache.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +204,7 @@ def pack(ds, max_len: int):
     return ds.map(pack_batch, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="packing")
 
 
+@functools.lru_cache(maxsize=2)  # called every step; the order changes once per epoch
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The shuffled order of ``n`` examples for ``epoch``: a pure function of (seed, epoch)."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)

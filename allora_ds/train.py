@@ -14,6 +14,7 @@ batch (every rank and micro-batch), so results do not depend on how the batch is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -67,7 +68,7 @@ class Run:
     skipped_steps: int = 0
     stop_requested: bool = False
     log: object = None
-    keep: list = field(default_factory=list)
+    keepalive: list = field(default_factory=list)  # objects that must outlive deepspeed.initialize
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,19 +91,14 @@ def init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
 
 
+@contextlib.contextmanager
 def local_main_first(local_rank: int):
-    """Context manager: local rank 0 runs the body first (fills caches), the others after."""
-
-    class _Ctx:
-        def __enter__(self):
-            if local_rank != 0:
-                dist.barrier()
-
-        def __exit__(self, *exc):
-            if local_rank == 0 and exc[0] is None:
-                dist.barrier()
-
-    return _Ctx()
+    """Local rank 0 runs the body first (filling the datasets cache); the other ranks then read it."""
+    if local_rank != 0:
+        dist.barrier()
+    yield
+    if local_rank == 0:
+        dist.barrier()
 
 
 def prepare_data(cfg: Config, tokenizer, rank: int):
@@ -172,7 +168,7 @@ def setup(cfg: Config) -> Run:
     )
     torch.manual_seed(cfg.train.seed + rank)  # dropout masks differ across ranks
     run = Run(cfg=cfg, out=out, rank=rank, world=world, engine=engine, tokenizer=tokenizer, train_rows=train_rows,
-              eval_rows=eval_rows, rounds_per_epoch=rounds, total_steps=total, keep=[keepalive])
+              eval_rows=eval_rows, rounds_per_epoch=rounds, total_steps=total, keepalive=[keepalive])
     if rank == 0:
         print(f"[allora_ds] {world} rank(s), {steps_per_epoch} steps/epoch, {total} steps, global batch "
               f"{t.micro_batch_size * t.gradient_accumulation_steps * world} sequences", flush=True)
