@@ -31,8 +31,8 @@ def row_norms_of_product(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     acc = _accumulation_dtype(A)
     A32, B32 = A.to(acc), B.to(acc)
     gram = A32 @ A32.t()  # [r, r]
-    sq = ((B32 @ gram) * B32).sum(dim=1)  # b_i^T (A A^T) b_i
-    return sq.clamp_min(0.0).sqrt()
+    sq = (B32 @ gram).mul_(B32).sum(dim=1)  # b_i^T (A A^T) b_i
+    return sq.clamp_min_(0.0).sqrt_()
 
 
 def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
@@ -42,21 +42,20 @@ def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
 def allora_row_scale(A: torch.Tensor, B: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(c, row_norms)`` with ``c_i = 1/sqrt(||(BA)_i|| + 1/eta^2)`` (at least fp32)."""
     norms = row_norms_of_product(A, B)
-    return torch.rsqrt(norms + 1.0 / (eta * eta)), norms
+    return (norms + 1.0 / (eta * eta)).rsqrt_(), norms
 
 
 class _Diagnostics:
-    """Holds the latest scale statistics of one adapter as a small tensor (no host sync)."""
+    """The last backward's per-row scale ``c`` and row norms of one adapter (``n_out`` floats each).
 
-    __slots__ = ("stats",)
+    Kept as tensors, reduced only when ``scale_diagnostics`` is read: no work or host sync per step.
+    """
+
+    __slots__ = ("c", "norms")
 
     def __init__(self) -> None:
-        self.stats: torch.Tensor | None = None
-
-    def record(self, c: torch.Tensor, norms: torch.Tensor | None) -> None:
-        c = c.detach().float()
-        n = norms.detach().float() if norms is not None else torch.full_like(c[:1], float("nan"))
-        self.stats = torch.stack([c.min(), c.mean(), c.max(), n.min(), n.mean(), n.max()])
+        self.c: torch.Tensor | None = None
+        self.norms: torch.Tensor | None = None
 
 
 class ALLoRAFunction(torch.autograd.Function):
@@ -77,23 +76,28 @@ class ALLoRAFunction(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1])  # [T, n_out]
         x2 = x.reshape(-1, x.shape[-1])  # [T, n_in]
         h2 = h.reshape(-1, h.shape[-1])  # [T, r]
+        need_x = ctx.needs_input_grad[0]
         if not ctx.od:
             c, norms = allora_row_scale(A, B, eta)
-            ctx.diag.record(c, norms)
+            ctx.diag.c, ctx.diag.norms = c, norms
             c = c.to(g.dtype)
-            # One GEMM gives both g B (for grad_x, unscaled) and g diag(c) B (for grad_A).
-            gB, gcB = (g2 @ torch.cat([B, B * c[:, None]], dim=1)).split(B.shape[1], dim=1)
-            grad_B = (g2.t() @ h2) * c[:, None]  # diag(c) G A^T
+            Bc = B * c[:, None]
+            if need_x:  # one GEMM gives both g B (for grad_x, unscaled) and g diag(c) B (for grad_A)
+                gB, gcB = (g2 @ torch.cat([B, Bc], dim=1)).split(B.shape[1], dim=1)
+            else:
+                gcB = g2 @ Bc
+            grad_B = (g2.t() @ h2).mul_(c[:, None])  # diag(c) G A^T
         else:
             # c depends on the token's own adapter output f(x) = h B^T; recomputed, not stored.
             f = F.linear(h2, B)
-            c = torch.rsqrt(f.to(_accumulation_dtype(f)).abs() + 1.0 / (eta * eta)).to(g.dtype)
-            ctx.diag.record(c, None)
-            gc = g2 * c
-            gB, gcB = g2 @ B, gc @ B
+            c = (f.to(_accumulation_dtype(f)).abs_() + 1.0 / (eta * eta)).rsqrt_()
+            ctx.diag.c, ctx.diag.norms = c.mean(dim=0), None  # per row, averaged over tokens
+            gc = g2 * c.to(g.dtype)
+            gcB = gc @ B
+            gB = g2 @ B if need_x else None
             grad_B = gc.t() @ h2
         grad_A = gcB.t() @ x2  # B^T diag(c) G
-        grad_x = (gB @ A).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        grad_x = (gB @ A).reshape(x.shape) if need_x else None
         return grad_x, grad_A, grad_B, None, None, None
 
 
@@ -162,8 +166,8 @@ class AdapterLinear(nn.Module):
         out = self.base_layer(x)
         A, B = self.lora_A, self.lora_B
         xa = x.to(A.dtype)
-        if self.spec.method == "lora":
-            delta = F.linear(F.linear(self.dropout(xa), A), B) * self.spec.scale
+        if self.spec.method == "lora":  # the scale on the rank-r intermediate: r columns, not n_out
+            delta = F.linear(F.linear(self.dropout(xa), A) * self.spec.scale, B)
         else:
             delta = ALLoRAFunction.apply(xa, A, B, self.spec.eta, self.spec.method == "allora_od", self.diagnostics)
         return out + delta.to(out.dtype)
@@ -249,12 +253,14 @@ def adapter_modules(model: nn.Module) -> dict[str, AdapterLinear]:
 
 
 def scale_diagnostics(model: nn.Module) -> dict[str, float]:
-    """min/mean/max of ALLoRA's scale ``c`` and of the row norms over all adapters (one host sync)."""
-    stats = [m.diagnostics.stats for m in adapter_modules(model).values() if m.diagnostics.stats is not None]
-    if not stats:
-        return {}
-    s = torch.stack(stats).cpu()
-    out = {"c_min": s[:, 0].min(), "c_mean": s[:, 1].mean(), "c_max": s[:, 2].max()}
-    if not torch.isnan(s[:, 3]).all():
-        out.update(row_norm_min=s[:, 3].min(), row_norm_mean=s[:, 4].mean(), row_norm_max=s[:, 5].max())
+    """min/mean/max over all adapted rows of ALLoRA's scale ``c`` and of ``||(BA)_i||`` (last backward).
+
+    For allora_od, ``c`` is per row averaged over the tokens. Empty for lora.
+    """
+    diags = [m.diagnostics for m in adapter_modules(model).values() if m.diagnostics.c is not None]
+    out = {}
+    for name, vectors in (("c", [d.c for d in diags]), ("row_norm", [d.norms for d in diags if d.norms is not None])):
+        if vectors:
+            v = torch.cat([t.float() for t in vectors])
+            out.update({f"{name}_min": v.min(), f"{name}_mean": v.mean(), f"{name}_max": v.max()})
     return {k: float(v) for k, v in out.items()}
