@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from allora_ds.data import (
 )
 from allora_ds.ds_config import fill_ds_config, read_ds_config
 from allora_ds.errors import UserError, cli
+from allora_ds.launch_env import check_launch_env
 from allora_ds.modeling import load_model, load_model_config, load_tokenizer
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate printed on GPUs.
@@ -66,7 +68,8 @@ class Run:
     total_steps: int
     step: int = 0
     skipped_steps: int = 0
-    stop_requested: bool = False
+    stop_signal: threading.Event = field(default_factory=threading.Event)  # set by a signal on this rank
+    stop_requested: bool = False  # set when any rank got one, at the same step on all ranks
     log: object = None
     keepalive: list = field(default_factory=list)  # objects that must outlive deepspeed.initialize
 
@@ -134,6 +137,7 @@ def setup(cfg: Config) -> Run:
         src = getattr(cfg.data, key)
         if src and src.startswith((".", "/", "~")) and not Path(src).expanduser().exists():
             raise UserError(f"data.{key}: {src} does not exist")
+    check_launch_env()  # before init_distributed fills in a world of one
 
     rank, world, local_rank = init_distributed()
     ds = fill_ds_config(ds_raw, cfg, world, getattr(model_config, "hidden_size", 4096), cfg.train.deepspeed)
@@ -255,7 +259,7 @@ def train_step(run: Run) -> tuple[float, int, bool]:
     batches, tokens = micro_batches(run, run.step)
     n_local = sum(label_count(b) for b in batches)
     # One collective per step: the global label count (for the loss normaliser) and stop requests.
-    n_global, stop = all_reduce_sum([n_local, float(run.stop_requested)], eng.device)
+    n_global, stop = all_reduce_sum([n_local, float(run.stop_signal.is_set())], eng.device)
     run.stop_requested = stop > 0
     # DeepSpeed divides by the accumulation steps and averages over ranks; scaling each micro-batch's
     # summed loss by world*gas/N makes the applied gradient that of (sum of all token losses)/N.
@@ -442,14 +446,17 @@ def _float(x) -> float | None:
     return float(x.item() if torch.is_tensor(x) else x)
 
 
-def install_stop_handlers(run: Run) -> None:
-    """SIGTERM/SIGUSR1 (what SLURM sends before preemption or the time limit) ask for a clean stop."""
+def install_stop_handlers() -> threading.Event:
+    """SIGTERM/SIGUSR1 (what Slurm sends before preemption or the time limit) ask for a clean stop.
 
-    def handler(signum, frame):
-        run.stop_requested = True
-
+    The handler only sets a flag; ranks act on it together after the next step's all-reduce, so a
+    signal that reaches one rank mid-step cannot make the ranks diverge. Installed before setup:
+    a signal that arrives while the model loads stops the run after its first step.
+    """
+    flag = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, handler)
+        signal.signal(sig, lambda signum, frame: flag.set())
+    return flag
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,8 +477,9 @@ def parse_args(argv):
 
 def train(cfg: Config) -> dict:
     """Run a whole finetune (setup -> fit -> export); returns the final metrics."""
+    stop_signal = install_stop_handlers()
     run = setup(cfg)
-    install_stop_handlers(run)
+    run.stop_signal = stop_signal
     try:
         result = fit(run)
         if not result.get("stopped") and (cfg.export.merged or cfg.export.adapter):

@@ -3,7 +3,8 @@
 # NNODES slurmd "nodes" (node1, node2, ...), each slurmd in its own network namespace with its own
 # address, hostname and /etc/hosts, so jobs see a real multi-host network.
 #
-#   local_slurm.sh up BASE [NNODES]   start it; state, logs and config live under BASE
+#   local_slurm.sh up BASE [NNODES [MODE]]   start it; state, logs and config live under BASE
+#                                     MODE netns (default) or multi (see below)
 #   local_slurm.sh down BASE          cancel its jobs, stop its daemons, delete its namespaces
 # After `up`:  export SLURM_CONF=BASE/etc/slurm.conf   (also written to BASE/env)
 #
@@ -66,6 +67,7 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 ReturnToService=2
 KillWait=10
+MinJobAge=900
 StateSaveLocation=$BASE/state
 SlurmdSpoolDir=$BASE/spool/%n
 SlurmctldPidFile=$BASE/run/slurmctld.pid
@@ -100,7 +102,7 @@ wait_idle() {
 }
 
 up() {
-  local n=${1:-2} mode=netns prefix subnet i
+  local n=${1:-2} mode=${2:-netns} prefix subnet i
   [[ $EUID -eq 0 ]] || { log "needs root"; return 1; }
   install_packages
   mkdir -p "$BASE"/{etc,state,run,log}
@@ -109,7 +111,9 @@ up() {
   echo "$n" > "$BASE/nnodes"
   start_munge
   prefix="sl$(( $$ % 100000 ))"
-  if subnet=$(bash "$HERE/netns.sh" free-subnet) && bash "$HERE/netns.sh" up "$prefix" "$subnet" "$n"; then
+  if [[ $mode == multi ]]; then
+    log "multi-slurmd mode requested: all nodes share 127.0.0.1"
+  elif subnet=$(bash "$HERE/netns.sh" free-subnet) && bash "$HERE/netns.sh" up "$prefix" "$subnet" "$n"; then
     echo "$prefix" > "$BASE/netns_prefix"
   else
     log "network namespaces unavailable: all nodes share 127.0.0.1 (multi-slurmd mode)"
@@ -140,14 +144,22 @@ up() {
   echo "export SLURM_CONF=$SLURM_CONF"
 }
 
-stop_pidfile() {  # SIGTERM the daemon named by a pid file we wrote, wait up to 10 s for it to go
-  local f=$1 pid
-  [[ -s "$f" ]] || return 0
-  pid=$(cat "$f")
-  kill "$pid" 2>/dev/null || return 0
-  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  log "pid $pid ($f) still alive after 10 s; sending SIGKILL"
-  kill -9 "$pid" 2>/dev/null || true
+stop_pidfiles() {  # SIGTERM the daemons named by pid files we wrote; wait (together) up to 10 s
+  local f pid pids=()
+  for f in "$@"; do
+    [[ -s "$f" ]] || continue
+    pid=$(cat "$f")
+    if kill "$pid" 2>/dev/null; then pids+=("$pid"); fi
+  done
+  for _ in $(seq 100); do
+    local alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [[ $alive -eq 1 ]] || return 0
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then log "pid $pid still alive after 10 s; SIGKILL"; kill -9 "$pid" || true; fi
+  done
 }
 
 down() {
@@ -161,17 +173,19 @@ down() {
       for _ in $(seq 60); do [[ -z "$(squeue -h -o %i 2>/dev/null)" ]] && break; sleep 0.5; done
     fi
   fi
-  for i in $(seq "$n"); do stop_pidfile "$BASE/run/slurmd-node$i.pid"; done
-  stop_pidfile "$BASE/run/slurmctld.pid"
-  stop_pidfile "$BASE/munge/munged.pid"
+  local daemons=("$BASE/run/slurmctld.pid")
+  for i in $(seq "$n"); do daemons+=("$BASE/run/slurmd-node$i.pid"); done
+  stop_pidfiles "${daemons[@]}"
+  stop_pidfiles "$BASE/munge/munged.pid"  # last: the Slurm daemons authenticate through it
   if [[ -s "$BASE/netns_prefix" ]]; then bash "$HERE/netns.sh" down "$(cat "$BASE/netns_prefix")" "$n"; fi
   log "cluster down"
 }
 
-[[ $# -ge 2 ]] || { echo "usage: $0 up BASE [NNODES] | down BASE" >&2; exit 2; }
+usage() { echo "usage: $0 up BASE [NNODES [netns|multi]] | down BASE" >&2; exit 2; }
+[[ $# -ge 2 ]] || usage
 BASE=$(realpath -m "$2")
 case $1 in
-  up) up "${3:-2}" ;;
+  up) up "${3:-2}" "${4:-netns}" ;;
   down) down ;;
-  *) echo "usage: $0 up BASE [NNODES] | down BASE" >&2; exit 2 ;;
+  *) usage ;;
 esac
