@@ -32,6 +32,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from allora_ds.adapters import AdapterLinear, AdapterSpec, row_norms_of_product  # noqa: E402
+from bench.common import cpu_model  # noqa: E402
 
 # Llama-3-8B projections (in, out) and how many of each a decoder block holds, for the per-block total.
 SHAPES = (
@@ -179,16 +180,6 @@ def bench_row_norms(reps: int, warmup: int, gen: torch.Generator) -> list[dict]:
             }
         )
     return rows
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def format_table(layer_rows: list[dict], block_row: dict, norm_rows: list[dict]) -> str:

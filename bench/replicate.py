@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from allora_ds.adapters import (  # noqa: E402
     AdapterSpec, adapter_modules, inject_adapters, row_norms_of_product, scale_diagnostics,
 )
+from bench.common import cpu_model  # noqa: E402
 from bench.replication_task import (  # noqa: E402
     LABELS, BaseSettings, build_base, encode, evaluate, label_logits, label_token_ids, make_task,
 )
@@ -414,16 +415,6 @@ def accuracy_table(rows: list[dict], s: Settings, fixed: bool, markdown: bool) -
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [head] + body)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 BEGIN, END = "<!-- replicate:begin -->", "<!-- replicate:end -->"

@@ -1,0 +1,221 @@
+"""Single-GPU step time, tokens/s and MFU of ALLoRA vs LoRA on a Llama-3-8B-shaped model (bf16, ZeRO-3, seq 2048).
+
+    python bench/gpu.py                                    # one GPU with >= 40 GB (H100/H200: under 5 minutes)
+    python bench/gpu.py --steps 20 --warmup 5              # longer measurement
+    DS_ACCELERATOR=cpu python bench/gpu.py --tiny-cpu --out /tmp/gpu_tiny.json   # same code path, tiny model, CPU
+
+Not run in CI (it needs a GPU); ``--tiny-cpu`` runs every line of it on a CPU with a tiny model of
+the same form, and CI runs that. One process, a world of one (no launcher needed). For each method
+(allora, then lora; r=16 on q/k/v/o/gate/up/down, alpha 32):
+
+  1. the model is created directly on the GPU, partitioned, under ``zero.Init`` (``from_config`` with
+     transformers' DeepSpeed integration: random weights, never materialised on the CPU), with
+     gradient checkpointing, and the adapters are injected under ``zero.Init`` -- the steps of
+     ``allora_ds.modeling.load_model``, with ``from_config`` for ``from_pretrained``;
+  2. ``deepspeed.initialize`` with ds_configs/zero3_bf16.json, "auto" values filled by the trainer,
+     and torch's AdamW (``"torch_adam": true``: nothing to compile on a fresh machine);
+  3. the trainer's own ``allora_ds.train.train_step`` runs ``--warmup`` untimed then ``--steps`` timed
+     optimizer steps on random token sequences of ``--seq-len`` (micro-batch 1, no padding).
+
+Reported per method: median step time, tokens/s, MFU as the trainer reports it (4N FLOPs per token:
+forward 2N + input gradients 2N, the frozen base gets no weight gradients; attention FLOPs not
+counted) and the hardware FLOPs utilisation including the recomputed forward of gradient
+checkpointing (6N), peak GPU memory; and allora/lora step time. Prints the table last; writes JSON
+(default bench/results/gpu.json, which --tiny-cpu does not touch unless --out says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+METHODS = ("allora", "lora")
+RANK = 16
+LLAMA_3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192)
+TINY = dict(hidden_size=64, intermediate_size=224, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, vocab_size=512, max_position_embeddings=1024)
+
+
+def llama_config(shape: dict):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**shape, rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False, bos_token_id=1,
+                       eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+
+
+def train_config(method: str, seq_len: int, steps: int, dtype: str, ds_path: Path):
+    from allora_ds.config import load_config
+
+    return load_config(None, base={
+        # model.path and data.train are not read: the model and the rows are built here
+        "model": {"path": "<from_config>", "dtype": dtype, "gradient_checkpointing": True},
+        "adapter": {"method": method, "rank": RANK, "alpha": 32.0},
+        "data": {"train": "<random tokens>", "max_seq_len": seq_len},
+        "train": {"deepspeed": str(ds_path), "micro_batch_size": 1, "gradient_accumulation_steps": 1, "lr": 1e-4,
+                  "max_steps": steps, "warmup_steps": 0, "scheduler": "constant", "seed": 0},
+    })
+
+
+def build_engine(cfg, shape: dict, world: int):
+    """Model (partitioned on creation) + adapters + DeepSpeed engine, as the trainer builds them."""
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM, get_scheduler
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from allora_ds.adapters import inject_adapters
+    from allora_ds.ds_config import fill_ds_config, read_ds_config
+    from allora_ds.modeling import TORCH_DTYPES
+
+    ds = fill_ds_config(read_ds_config(cfg.train.deepspeed), cfg, world, shape["hidden_size"], cfg.train.deepspeed)
+    # torch's AdamW rather than DeepSpeed's FusedAdam, which a fresh machine would first compile (a
+    # minute or more, and it needs nvcc); it only updates the adapters, a negligible part of a step.
+    ds["optimizer"]["params"]["torch_adam"] = True
+    keepalive = HfDeepSpeedConfig(ds)  # alive: from_config creates the model under zero.Init, on the device
+    model = AutoModelForCausalLM.from_config(llama_config(shape), dtype=TORCH_DTYPES[cfg.model.dtype],
+                                             attn_implementation="sdpa")
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        counts = inject_adapters(model, cfg.adapter.spec(), seed=cfg.train.seed, verbose=False)
+    t = cfg.train
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds,
+        lr_scheduler=lambda opt: get_scheduler("constant", opt))
+    del keepalive
+    torch.manual_seed(t.seed)
+    return engine, counts
+
+
+def random_rows(n: int, seq_len: int, vocab: int, seed: int) -> list[dict]:
+    """Rows as the trainer's data pipeline gives them: input_ids, labels (first token masked)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (seq_len,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] + ids[1:]})
+    return rows
+
+
+def measure(method: str, args, shape: dict, ds_path: Path, dtype: str, out_dir: Path) -> dict:
+    import torch
+
+    from allora_ds.train import Run, mfu, train_step
+
+    t0 = time.perf_counter()
+    total = args.warmup + args.steps
+    cfg = train_config(method, args.seq_len, total, dtype, ds_path)
+    engine, counts = build_engine(cfg, shape, world=1)
+    build_s = time.perf_counter() - t0
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    rows = random_rows(total, args.seq_len, shape["vocab_size"], seed=1)
+    run = Run(cfg=cfg, out=out_dir, rank=0, world=1, engine=engine, tokenizer=SimpleNamespace(pad_token_id=0),
+              train_rows=rows, eval_rows=None, rounds_per_epoch=len(rows), total_steps=total)
+    times, losses = [], []
+    for i in range(total):
+        if cuda:
+            torch.cuda.synchronize()
+        s0 = time.perf_counter()
+        loss, tokens, applied = train_step(run)  # ends with loss.item(): the step has finished on the device
+        run.step += 1
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - s0)
+        losses.append(loss)
+        assert applied and tokens == args.seq_len
+    step_s = statistics.median(times)
+    tps = args.seq_len / step_s
+    n_params = counts["total"]
+    util = mfu(tps, n_params, 1)  # None without a GPU of known peak
+    res = {
+        "method": method, "build_s": build_s, "step_s": step_s, "step_s_all": times, "tokens_per_s": tps,
+        "mfu": util, "hfu_with_recompute": util * 6 / 4 if util is not None else None,
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "params": n_params, "trainable": counts["trainable"], "losses": losses,
+    }
+    engine.destroy()  # drop ZeRO-3's hooks and buffers so the next method starts from an empty device
+    del engine, run
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny-cpu", action="store_true", help="tiny model on the CPU: the code path without a GPU")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (2048; 64 with --tiny-cpu)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per method")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per method")
+    ap.add_argument("--out", type=Path, default=None, help="JSON (default bench/results/gpu.json on a GPU)")
+    args = ap.parse_args(argv)
+    if args.tiny_cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+    args.seq_len = args.seq_len or (64 if args.tiny_cpu else 2048)
+
+    import torch
+
+    from allora_ds.train import init_distributed
+    from bench.common import REPO, RESULTS, machine, remove_shm_buffers, table, write_json
+
+    if not args.tiny_cpu and not torch.cuda.is_available():
+        ap.error("no GPU: this benchmark needs one (use --tiny-cpu to check the code path on a CPU)")
+    t_start = time.perf_counter()
+    init_distributed()  # a world of one
+    shape = TINY if args.tiny_cpu else LLAMA_3_8B
+    dtype = "bfloat16"
+    ds_path = REPO / "ds_configs" / "zero3_bf16.json"
+    results = []
+    with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
+        for method in METHODS:
+            r = measure(method, args, shape, ds_path, dtype, Path(tmp))
+            results.append(r)
+            print(f"{method}: built in {r['build_s']:.0f} s, step {r['step_s']:.3f} s, {r['tokens_per_s']:.0f} tokens/s",
+                  flush=True)
+    if not torch.cuda.is_available():  # DeepSpeed's CPU backend leaves its shared-memory buffer behind
+        remove_shm_buffers(os.environ["MASTER_PORT"])
+    by = {r["method"]: r for r in results}
+    out = args.out or (RESULTS / "gpu.json" if not args.tiny_cpu else None)
+    result = {
+        "machine": machine(), "tiny_cpu": args.tiny_cpu, "shape": shape, "dtype": dtype, "seq_len": args.seq_len,
+        "micro_batch": 1, "gradient_checkpointing": True, "zero_stage": 3, "deepspeed_config": str(ds_path.relative_to(REPO)),
+        "warmup": args.warmup, "steps": args.steps, "results": results,
+        "allora_time_over_lora": by["allora"]["step_s"] / by["lora"]["step_s"],
+        "wall_s": time.perf_counter() - t_start,
+    }
+    if out:
+        write_json(out, result)
+    m = result["machine"]
+    print(f"\n{m.get('gpu', m['cpu'])}, torch {m['torch']}, deepspeed {m['deepspeed']}; "
+          f"{'tiny' if args.tiny_cpu else 'Llama-3-8B'}-shaped model ({results[0]['params'] / 1e9:.3g} B parameters), "
+          f"bf16, ZeRO-3, 1 device, seq {args.seq_len}, micro-batch 1, gradient checkpointing, r={RANK}; "
+          f"{args.steps} timed steps after {args.warmup}; {result['wall_s']:.0f} s in all" + (f"; wrote {out}" if out else ""))
+
+    def pct(x):
+        return f"{100 * x:.1f}%" if x is not None else "-"
+
+    print(table(["method", "step s", "tokens/s", "MFU (4N)", "HFU (6N)", "peak GiB"], [
+        [r["method"], r["step_s"], r["tokens_per_s"], pct(r["mfu"]), pct(r["hfu_with_recompute"]),
+         f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"] for r in results
+    ], {1: ".3f", 2: ".0f"}))
+    print(f"allora / lora step time: {result['allora_time_over_lora']:.3f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
