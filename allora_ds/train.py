@@ -91,7 +91,26 @@ def init_distributed() -> tuple[int, int, int]:
     deepspeed.init_distributed(dist_init_required=True)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    release_cpu_allreduce_buffer()
     return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
+def release_cpu_allreduce_buffer() -> None:
+    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU all-reduce once every rank mapped it.
+
+    DeepSpeed's CPU backend creates one 66 MB shared-memory file per rank at init and never
+    deletes it, so every CPU run would leave host memory behind until reboot. Each rank maps all
+    its peers' files inside ``init_distributed``; after a barrier the names can go, and the
+    mappings stay valid until the processes exit.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    dist.barrier()  # on every rank alike, whether or not its file exists
+    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+                     os.environ.get("MASTER_PORT", ""), str(dist.get_rank())])
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from allora_ds.train import init_distributed
-    from bench.common import REPO, RESULTS, machine, remove_shm_buffers, table, write_json
+    from bench.common import REPO, RESULTS, machine, table, write_json
 
     if not args.tiny_cpu and not torch.cuda.is_available():
         ap.error("no GPU: this benchmark needs one (use --tiny-cpu to check the code path on a CPU)")
@@ -187,8 +187,6 @@ def main(argv: list[str] | None = None) -> dict:
             results.append(r)
             print(f"{method}: built in {r['build_s']:.0f} s, step {r['step_s']:.3f} s, {r['tokens_per_s']:.0f} tokens/s",
                   flush=True)
-    if not torch.cuda.is_available():  # DeepSpeed's CPU backend leaves its shared-memory buffer behind
-        remove_shm_buffers(os.environ["MASTER_PORT"])
     by = {r["method"]: r for r in results}
     out = args.out or (RESULTS / "gpu.json" if not args.tiny_cpu else None)
     result = {

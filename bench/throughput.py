@@ -208,15 +208,12 @@ def summarise(runs: list[dict]) -> dict:
 def breakdown_worker(s: Setting, kind: str, model_dir: Path, data: Path, reps: int, out: Path) -> None:
     """One process, a world of one: plain autograd (no DeepSpeed) and the allora_ds trainer's step on
     engine ``kind`` (stage0 or zero3) on the same batches, alternating; CPU seconds per optimizer step."""
-    import os
-
     import torch
     from transformers import AutoModelForCausalLM
 
     from allora_ds import train as T
     from allora_ds.adapters import AdapterSpec, inject_adapters
     from allora_ds.config import load_config
-    from bench.common import remove_shm_buffers
 
     s = replace(s, world=1)
     # Built before DeepSpeed's zero.Init swaps torch.nn.functional.linear for its own (ZeRO-3 only).
@@ -248,7 +245,6 @@ def breakdown_worker(s: Setting, kind: str, model_dir: Path, data: Path, reps: i
             if rep:
                 cpu[name].append(time.process_time() - c0)
     out.write_text(json.dumps(cpu))
-    remove_shm_buffers(os.environ["MASTER_PORT"])
 
 
 def breakdown(s: Setting, quick: bool, model_dir: Path, data: Path, reps: int, out: Path) -> dict:

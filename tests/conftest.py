@@ -1,21 +1,16 @@
 """Shared fixtures: the tiny model built once per session, and a runner for real launchers."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from bench.common import free_port, remove_shm_buffers
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_env(**extra) -> dict:
@@ -36,8 +31,13 @@ test_env.__test__ = False  # a helper, not a test
 
 def run(cmd, timeout=600, check=True, env=None, cwd=None) -> subprocess.CompletedProcess:
     """Run a command, fail the test with the tail of its output if it fails."""
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
-                          env=env or test_env(), cwd=cwd or REPO)
+    cmd = [str(c) for c in cmd]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or test_env(),
+                              cwd=cwd or REPO)
+    finally:
+        if "--master_port" in cmd:  # a deepspeed_cmd: ranks killed before init's end leave their buffers
+            remove_shm_buffers(cmd[cmd.index("--master_port") + 1])
     if check and proc.returncode != 0:
         out = (proc.stdout + "\n" + proc.stderr)[-6000:]
         pytest.fail(f"command failed (rc={proc.returncode}): {' '.join(map(str, cmd))}\n{out}")

@@ -8,7 +8,6 @@ rank k takes micro-batch (step, accumulation index, k), the reference sums over 
 """
 
 import argparse
-import os
 
 import torch
 from safetensors.torch import save_file
@@ -67,8 +66,9 @@ def distributed(a):
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    deepspeed.init_distributed()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    from allora_ds.train import init_distributed
+
+    rank, world, _ = init_distributed()
     cfg = {
         "train_micro_batch_size_per_gpu": MICRO,
         "gradient_accumulation_steps": GAS,
