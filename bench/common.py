@@ -92,8 +92,13 @@ def remove_shm_buffers(port) -> None:
     The allora_ds trainer releases its own (``allora_ds.train.release_cpu_allreduce_buffer``);
     this catches the HF baseline's and those of a job that died before it got there.
     """
-    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+    for f in shm_buffers(port):
         f.unlink(missing_ok=True)
+
+
+def shm_buffers(port) -> list[Path]:
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm of the job on ``port`` (this user's)."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
 
 
 def run_job(cmd: list[str], log: Path, env: dict, timeout: float, marks: Path | None = None,

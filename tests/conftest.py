@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import free_port, remove_shm_buffers
+from bench.common import free_port, shm_buffers
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -32,12 +32,16 @@ test_env.__test__ = False  # a helper, not a test
 def run(cmd, timeout=600, check=True, env=None, cwd=None) -> subprocess.CompletedProcess:
     """Run a command, fail the test with the tail of its output if it fails."""
     cmd = [str(c) for c in cmd]
+    port = cmd[cmd.index("--master_port") + 1] if "--master_port" in cmd else None  # a deepspeed_cmd
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or test_env(),
                               cwd=cwd or REPO)
     finally:
-        if "--master_port" in cmd:  # a deepspeed_cmd: ranks killed before init's end leave their buffers
-            remove_shm_buffers(cmd[cmd.index("--master_port") + 1])
+        left = shm_buffers(port) if port else []
+        for f in left:  # ranks killed before the end of init leave theirs; the trainer releases its own
+            f.unlink(missing_ok=True)
+    if port and proc.returncode == 0:
+        assert not left, f"the job left DeepSpeed's CPU all-reduce buffers in /dev/shm: {left}"
     if check and proc.returncode != 0:
         out = (proc.stdout + "\n" + proc.stderr)[-6000:]
         pytest.fail(f"command failed (rc={proc.returncode}): {' '.join(map(str, cmd))}\n{out}")
