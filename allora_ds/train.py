@@ -527,6 +527,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, args.overrides)
     train(cfg)
     if dist.is_initialized():
+        # All ranks past their last collective before any tears its connections down: a gloo peer
+        # that still has an operation in flight when the other side closes can abort at exit.
+        dist.barrier()
         dist.destroy_process_group()
 
 
