@@ -402,41 +402,42 @@ def fit(run: Run) -> dict:
     bar = tqdm(total=run.total_steps, initial=run.step, disable=run.rank != 0, desc="train", dynamic_ncols=True)
     last: dict = {}
     window_loss, window_tokens, window_steps, t0 = 0.0, 0, 0, time.perf_counter()
-    while run.step < run.total_steps:
-        loss_share, tokens, applied = train_step(run)
-        run.step += 1
-        run.skipped_steps += not applied
-        window_loss += loss_share
-        window_tokens += tokens
-        window_steps += applied
-        bar.update(1)
-        if run.step % t.log_steps == 0 or run.step == run.total_steps:
-            loss_sum, tok = all_reduce_sum([window_loss, window_tokens], run.engine.device)
-            dt = time.perf_counter() - t0
-            rec = {"kind": "train", "step": run.step, "epoch": round(run.step / steps_per_epoch, 4),
-                   "loss": loss_sum / max(window_steps, 1), "lr": run.engine.get_lr()[0],
-                   "grad_norm": _float(run.engine.get_global_grad_norm()), "tokens_per_s": tok / dt,
-                   "skipped_steps": run.skipped_steps, **scale_diagnostics(run.engine.module)}
-            u = mfu(rec["tokens_per_s"], n_params, run.world)
-            if u is not None:
-                rec["mfu"] = u
-            run.log.write(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                            **({"mfu": f"{u:.1%}"} if u is not None else {}))
-            last.update(rec)
-            window_loss, window_tokens, window_steps, t0 = 0.0, 0, 0, time.perf_counter()
-        if run.eval_rows is not None and t.eval_steps and run.step % t.eval_steps == 0 and run.step < run.total_steps:
-            last.update(_log_eval(run))
-        if run.stop_requested:
-            path = save(run)
-            if run.rank == 0:
-                print(f"\n[allora_ds] stop signal received: saved {path} at step {run.step}; "
-                      f"run the same command again to resume (train.resume=auto)", flush=True)
-            bar.close()
-            return {**last, "stopped": True}
-        if t.save_steps and run.step % t.save_steps == 0 and run.step < run.total_steps:
-            save(run)
-    bar.close()
+    try:  # closed on every exit, so an error message starts on a line of its own
+        while run.step < run.total_steps:
+            loss_share, tokens, applied = train_step(run)
+            run.step += 1
+            run.skipped_steps += not applied
+            window_loss += loss_share
+            window_tokens += tokens
+            window_steps += applied
+            bar.update(1)
+            if run.step % t.log_steps == 0 or run.step == run.total_steps:
+                loss_sum, tok = all_reduce_sum([window_loss, window_tokens], run.engine.device)
+                dt = time.perf_counter() - t0
+                rec = {"kind": "train", "step": run.step, "epoch": round(run.step / steps_per_epoch, 4),
+                       "loss": loss_sum / max(window_steps, 1), "lr": run.engine.get_lr()[0],
+                       "grad_norm": _float(run.engine.get_global_grad_norm()), "tokens_per_s": tok / dt,
+                       "skipped_steps": run.skipped_steps, **scale_diagnostics(run.engine.module)}
+                u = mfu(rec["tokens_per_s"], n_params, run.world)
+                if u is not None:
+                    rec["mfu"] = u
+                run.log.write(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                                **({"mfu": f"{u:.1%}"} if u is not None else {}))
+                last.update(rec)
+                window_loss, window_tokens, window_steps, t0 = 0.0, 0, 0, time.perf_counter()
+            if run.eval_rows is not None and t.eval_steps and run.step % t.eval_steps == 0 and run.step < run.total_steps:
+                last.update(_log_eval(run))
+            if run.stop_requested:
+                path = save(run)
+                if run.rank == 0:
+                    print(f"\n[allora_ds] stop signal received: saved {path} at step {run.step}; "
+                          f"run the same command again to resume (train.resume=auto)", flush=True)
+                return {**last, "stopped": True}
+            if t.save_steps and run.step % t.save_steps == 0 and run.step < run.total_steps:
+                save(run)
+    finally:
+        bar.close()
     if run.eval_rows is not None:
         last.update(_log_eval(run))
     path = save(run)
