@@ -156,10 +156,13 @@ class AdapterLinear(nn.Module):
 
     @torch.no_grad()
     def reset_adapter(self, generator: torch.Generator | None = None) -> None:
-        """A: Kaiming-uniform(a=sqrt(5)) as PEFT does, i.e. U(-1/sqrt(n_in), 1/sqrt(n_in)); B: zeros."""
-        bound = 1.0 / math.sqrt(self.in_features)
-        a = torch.empty(self.lora_A.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
-        self.lora_A.copy_(a)
+        """A: Kaiming-uniform(a=sqrt(5)) as PEFT does, i.e. U(-1/sqrt(n_in), 1/sqrt(n_in)); B: zeros.
+
+        The values are drawn in fp32 on the CPU (``generator`` is a CPU generator) and then copied
+        into the parameter, wherever it lives and whatever its dtype: every device, precision and
+        ZeRO stage starts from the same adapter, up to the final cast.
+        """
+        self.lora_A.copy_(uniform_cpu_fp32(self.lora_A.shape, 1.0 / math.sqrt(self.in_features), generator))
         self.lora_B.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,6 +182,19 @@ class AdapterLinear(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return f"method={s.method}, rank={s.rank}, eta={s.eta}, scale={s.scale:g}"
+
+
+def uniform_cpu_fp32(shape: torch.Size, bound: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``U(-bound, bound)`` in fp32 on the CPU, from ``generator`` (default: torch's CPU generator).
+
+    ``torch.rand`` with an explicit device and dtype: inside ``deepspeed.zero.Init`` the constructors
+    ``torch.empty/zeros/ones/full/randn/...`` put a tensor made without ``device=`` on the accelerator
+    and cast floats to the training dtype, and a CPU generator cannot draw into a CUDA tensor.
+    """
+    u = torch.rand(shape, generator=generator, dtype=torch.float32, device="cpu")
+    if u.device.type != "cpu" or u.dtype != torch.float32:  # a constructor override we do not know about
+        raise RuntimeError(f"adapter init drew a {u.dtype} tensor on {u.device}, expected float32 on cpu")
+    return u.mul_(2 * bound).sub_(bound)
 
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
