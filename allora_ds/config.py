@@ -64,6 +64,10 @@ class AdapterConfig:
 
 
 FORMATS = ("alpaca", "chat", "text")
+# Attention backends that honour packed-example boundaries: transformers turns restarted position_ids
+# into a block-diagonal mask (sdpa, eager, flex); flash attention gets one flattened row with
+# cu_seq_lens (data.collate). None is transformers' default (sdpa).
+PACKING_ATTENTION = (None, "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
 @dataclass
@@ -106,6 +110,8 @@ class TrainConfig:
     resume_allow_changes: list[str] = _f([], "Keys (e.g. data.train) allowed to differ from the checkpoint's config on resume.")
     nonfinite: str = _f("stop", "On a non-finite loss: stop (keep the last good checkpoint) or skip the step.", NONFINITE)
 
+    peak_tflops: float = _f(0.0, "Peak TFLOP/s of one device for the MFU figure; 0 = the datasheet dense bf16 peak "
+                                 "of a known GPU (see allora_ds/flops.py), not reported on others.")
 
 @dataclass
 class ExportConfig:
@@ -312,6 +318,11 @@ def _validate(cfg: Config, origin) -> None:
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         bad("data.eval_fraction", f"must be in [0, 1), got {cfg.data.eval_fraction}")
     if cfg.data.num_proc < 1:
+    if cfg.data.packing and cfg.model.attn_implementation not in PACKING_ATTENTION:
+        bad("model.attn_implementation", f"{cfg.model.attn_implementation!r} is not known to keep packed examples "
+            f"apart; with data.packing use one of {', '.join(a for a in PACKING_ATTENTION if a)} (or null: sdpa)")
+    if cfg.train.peak_tflops < 0:
+        bad("train.peak_tflops", f"must be >= 0, got {cfg.train.peak_tflops}")
         bad("data.num_proc", f"must be >= 1, got {cfg.data.num_proc}")
     try:
         cfg.adapter.spec()

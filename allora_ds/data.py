@@ -8,6 +8,7 @@ local rank 0 first so the other ranks read the cache.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +173,7 @@ def tokenize(ds, tokenizer, cfg: DataConfig, source: str):
     if len(out) == 0:
         raise UserError(f"{source}: no example has response tokens within data.max_seq_len={max_len}")
     stats.label_tokens = int(sum(out["n_labels"]))
-    out = out.remove_columns(["truncated", "n_labels"])
+    out = out.remove_columns(["truncated"])  # n_labels stays: the trainer sums it per step
     stats.tokens = int(sum(len(x) for x in out["input_ids"]))
     stats.examples = len(out)
     return out, stats
@@ -186,9 +187,10 @@ def pack(ds, max_len: int):
     """
 
     def pack_batch(batch):
-        rows = {"input_ids": [], "labels": [], "position_ids": []}
-        cur = {k: [] for k in rows}
-        for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        rows = {"input_ids": [], "labels": [], "position_ids": [], "n_labels": []}
+        empty = lambda: {"input_ids": [], "labels": [], "position_ids": [], "n_labels": 0}  # noqa: E731
+        cur = empty()
+        for ids, labels, n in zip(batch["input_ids"], batch["labels"], batch["n_labels"]):
             if cur["input_ids"] and len(cur["input_ids"]) + len(ids) > max_len:
                 for k in rows:
                     rows[k].append(cur[k])
@@ -199,6 +201,7 @@ def pack(ds, max_len: int):
         if cur["input_ids"]:
             for k in rows:
                 rows[k].append(cur[k])
+            cur["n_labels"] += n
         return rows
 
     return ds.map(pack_batch, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="packing")
@@ -221,8 +224,21 @@ def rank_micro_batch(order: list[int], rnd: int, micro: int, world: int, rank: i
     return order[start : start + micro]
 
 
-def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row; padding gets label -100 (and for packed rows its own positions)."""
+def collate(rows: list[dict], pad_id: int, flatten: bool = False) -> dict:
+    """One micro-batch of tensors from tokenized (and possibly packed) rows.
+
+    ``flatten=False`` (sdpa, eager, flex): one row per sequence, right-padded to the longest; padding
+    gets label -100 and either an attention mask (unpacked) or positions of its own (packed: with no
+    mask, transformers builds a block-diagonal causal mask per row from the restarted positions).
+
+    ``flatten=True`` (flash attention): the whole micro-batch becomes ONE row with no padding,
+    positions restarting at every example, plus ``cu_seq_lens_*``/``max_length_*`` for the varlen
+    kernel. transformers reads example boundaries from ``position_ids`` under flash attention only
+    for a batch of one row; with more rows packed examples would attend to each other. Passing the
+    boundaries also spares the kernel a host sync per layer to infer them.
+    """
+    if flatten:
+        return _flatten(rows)
     n = max(len(r["input_ids"]) for r in rows)
     packed = "position_ids" in rows[0]
     batch = {"input_ids": [], "labels": []}
@@ -240,3 +256,25 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 def label_count(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"] != IGNORE).sum())
+def _flatten(rows: list[dict]) -> dict:
+    ids, labels, positions = [], [], []
+    for r in rows:
+        ids += r["input_ids"]
+        labels += r["labels"]  # the first label of every example is already -100 (see tokenize)
+        positions += r.get("position_ids") or list(range(len(r["input_ids"])))
+    lengths = example_lengths({"position_ids": positions})
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
+    row = lambda v: torch.tensor([v], dtype=torch.long)  # noqa: E731
+    return {"input_ids": row(ids), "labels": row(labels), "position_ids": row(positions),
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
+
+
+def example_lengths(row: dict) -> list[int]:
+    """Token counts of the examples in a row (several when packed: positions restart at each)."""
+    pos = row.get("position_ids")
+    if pos is None:
+        return [len(row["input_ids"])]
+    starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+    return [b - a for a, b in zip(starts, starts[1:])]
+
+

@@ -13,6 +13,7 @@ from allora_ds.errors import UserError
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Llama-3.1+ reserve this token for padding; older tokenizers fall back to eos (padding is masked anyway).
 LLAMA3_PAD = "<|finetune_right_pad_id|>"
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 
 def _source(path: str, what: str) -> str:
@@ -87,3 +88,10 @@ def load_model(cfg: Config, ds_config: dict, verbose: bool = True):
     except ValueError as e:
         raise UserError(f"adapter.target_modules: {e}") from None
     return model, keepalive, counts
+    except ImportError as e:  # e.g. flash_attention_2 without the flash-attn package
+        raise UserError(f"model.attn_implementation: {mc.attn_implementation}: {str(e).splitlines()[0]}") from None
+
+
+def flat_batches(model) -> bool:
+    """Whether micro-batches reach ``model`` flattened into one row (flash attention; see data.collate)."""
+    return model.config._attn_implementation in FLASH_ATTENTION

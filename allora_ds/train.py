@@ -30,20 +30,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from allora_ds import checkpoint, faults
+from allora_ds import checkpoint, faults, flops
 from allora_ds.adapters import scale_diagnostics
 from allora_ds.config import Config, load_config, save_config, schema_text
 from allora_ds.data import (
-    IGNORE, check_fields, collate, epoch_order, label_count, load_records, micro_rounds, pack, rank_micro_batch,
-    tokenize,
+    IGNORE, check_fields, collate, epoch_order, example_lengths, label_count, load_records, micro_rounds, pack,
+    rank_micro_batch, tokenize,
 )
 from allora_ds.ds_config import fill_ds_config, read_ds_config
 from allora_ds.errors import UserError, cli
+from allora_ds.extensions import check_build_locks
 from allora_ds.launch_env import check_launch_env
-from allora_ds.modeling import load_model, load_model_config, load_tokenizer
-
-# Dense bf16 peak FLOP/s per device, for the MFU estimate printed on GPUs.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+from allora_ds.modeling import flat_batches, load_model, load_model_config, load_tokenizer
 
 
 class NonFiniteLoss(UserError):
@@ -66,6 +64,10 @@ class Run:
     eval_rows: object | None
     rounds_per_epoch: int
     total_steps: int
+    label_counts: list[int] = field(default_factory=list)  # labelled tokens of every train row
+    flatten: bool = False  # one row per micro-batch (flash attention), see data.collate
+    flop_model: flops.FlopModel | None = None
+    peak_tflops: float | None = None  # per device, for MFU; None: not reported
     step: int = 0
     skipped_steps: int = 0
     stop_signal: threading.Event = field(default_factory=threading.Event)  # set by a signal on this rank
@@ -157,15 +159,11 @@ def setup(cfg: Config) -> Run:
         if src and src.startswith((".", "/", "~")) and not Path(src).expanduser().exists():
             raise UserError(f"data.{key}: {src} does not exist")
     check_launch_env()  # before init_distributed fills in a world of one
+    check_build_locks()  # a stale JIT-build lock would make the first DeepSpeed op wait forever
 
     rank, world, local_rank = init_distributed()
     ds = fill_ds_config(ds_raw, cfg, world, getattr(model_config, "hidden_size", 4096), cfg.train.deepspeed)
-    ckpt, notes = checkpoint.resolve_resume(cfg.train.resume, out)
-    if ckpt is not None:  # refuse an incompatible resume before loading anything big
-        check_resume_compatible(cfg, checkpoint.read_trainer_state(ckpt), ckpt, world)
-    if rank == 0:
-        for n in notes:
-            print(f"[allora_ds] {n}", flush=True)
+    ckpt, state = decide_resume(cfg, out, rank, world)
     torch.manual_seed(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model)
@@ -191,12 +189,14 @@ def setup(cfg: Config) -> Run:
     )
     torch.manual_seed(cfg.train.seed + rank)  # dropout masks differ across ranks
     run = Run(cfg=cfg, out=out, rank=rank, world=world, engine=engine, tokenizer=tokenizer, train_rows=train_rows,
-              eval_rows=eval_rows, rounds_per_epoch=rounds, total_steps=total, keepalive=[keepalive])
+              eval_rows=eval_rows, rounds_per_epoch=rounds, total_steps=total, keepalive=[keepalive],
+              label_counts=train_rows["n_labels"],
+              flatten=flat_batches(model), flop_model=flops.flop_model(model), peak_tflops=peak_tflops(cfg))
     if rank == 0:
         print(f"[allora_ds] {world} rank(s), {steps_per_epoch} steps/epoch, {total} steps, global batch "
               f"{t.micro_batch_size * t.gradient_accumulation_steps * world} sequences", flush=True)
     if ckpt is not None:
-        state = checkpoint.load(engine, ckpt, rank)
+        checkpoint.load(engine, ckpt, rank)
         run.step, run.skipped_steps = state["step"], state.get("skipped_steps", 0)
         if rank == 0:
             print(f"[allora_ds] resumed from {ckpt} at step {run.step}", flush=True)
@@ -206,6 +206,45 @@ def setup(cfg: Config) -> Run:
         save_config(cfg, out / "config.yaml")
         truncate_metrics(out / "metrics.jsonl", run.step)
     return run
+
+
+def decide_resume(cfg: Config, out: Path, rank: int, world: int) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from and its trainer state, decided by rank 0 and broadcast.
+
+    Ranks on different nodes must not each list a shared filesystem: with NFS attribute caching a
+    node can miss the newest checkpoint (or still see a pruned one), and ranks that resume from
+    different steps hang or silently train on mismatched states. A user error found by rank 0
+    (missing path, incompatible config) is raised on every rank, so all stop alike.
+    """
+    decision: list = [None, None, None]  # checkpoint path, trainer state, error message
+    if rank == 0:
+        try:
+            ckpt, notes = checkpoint.resolve_resume(cfg.train.resume, out)
+            for n in notes:
+                print(f"[allora_ds] {n}", flush=True)
+            if ckpt is not None:  # refuse an incompatible resume before loading anything big
+                state = checkpoint.read_trainer_state(ckpt)
+                check_resume_compatible(cfg, state, ckpt, world)
+                decision[:2] = [str(ckpt), state]
+        except UserError as e:
+            decision[2] = str(e)
+    dist.broadcast_object_list(decision, src=0)
+    if decision[2] is not None:
+        raise UserError(decision[2])
+    return (Path(decision[0]) if decision[0] else None), decision[1]
+
+
+def peak_tflops(cfg: Config) -> float | None:
+    """Per-device peak for MFU: train.peak_tflops, else the datasheet value of this GPU."""
+    if cfg.train.peak_tflops > 0:
+        return cfg.train.peak_tflops
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    peak = flops.peak_tflops(name)
+    if peak is None and dist.get_rank() == 0:
+        print(f"[allora_ds] no datasheet peak for {name!r}: MFU is not reported; set train.peak_tflops", flush=True)
+    return peak
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -246,63 +285,88 @@ def check_resume_compatible(cfg: Config, saved: dict, ckpt: Path, world: int) ->
 # train
 
 
-def micro_batches(run: Run, step: int) -> tuple[list[dict], int]:
-    """This rank's micro-batches of optimizer step ``step`` (a pure function of seed and step) and
-    their number of tokens before padding."""
+@dataclass
+class StepBatch:
+    """This rank's micro-batches of one optimizer step, and the counts the loss and MFU need."""
+
+    batches: list[dict]
+    tokens: int  # this rank's tokens before padding
+    causal_pairs: int  # this rank's query-key pairs under the causal mask (attention FLOPs)
+    global_labels: int  # labelled tokens of the whole global batch (every rank, every micro-batch)
+
+
+def micro_batches(run: Run, step: int) -> StepBatch:
+    """This rank's micro-batches of optimizer step ``step``: a pure function of seed and step.
+
+    The global label count, which normalises the loss, is summed here from the data order over
+    every rank's rows: each rank knows it without a collective.
+    """
     t = run.cfg.train
     gas = t.gradient_accumulation_steps
     epoch, first = divmod(step * gas, run.rounds_per_epoch)
     order = epoch_order(len(run.train_rows), t.seed, epoch)
-    batches, tokens = [], 0
+    span = order[first * t.micro_batch_size * run.world: (first + gas) * t.micro_batch_size * run.world]
+    batch = StepBatch([], 0, 0, sum(run.label_counts[i] for i in span))
     for k in range(gas):
         rows = [run.train_rows[i] for i in rank_micro_batch(order, first + k, t.micro_batch_size, run.world, run.rank)]
-        tokens += sum(len(r["input_ids"]) for r in rows)
-        batches.append(collate(rows, run.tokenizer.pad_token_id))
-    return batches, tokens
+        batch.tokens += sum(len(r["input_ids"]) for r in rows)
+        batch.causal_pairs += flops.causal_pairs(n for r in rows for n in example_lengths(r))
+        batch.batches.append(collate(rows, run.tokenizer.pad_token_id, run.flatten))
+    return batch
 
 
 def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def all_reduce_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce_sum(values: list, device) -> list[float]:
+    """Sum a few numbers (floats or 0-d tensors) over ranks: one collective, one host sync."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     dist.all_reduce(t)
     return t.tolist()
 
 
-def train_step(run: Run) -> tuple[float, int, bool]:
-    """One optimizer step. Returns (this rank's share of the global mean loss, its tokens, step applied)."""
+def train_step(run: Run) -> tuple[torch.Tensor, StepBatch, bool]:
+    """One optimizer step. Returns (this rank's share of the global mean loss, as a device tensor;
+    the step's batch counts; whether the step was applied).
+
+    Losses and the finite check stay on the device through the micro-batches: the one host sync of
+    the step is the all-reduce at its end, which lets every rank take the same branch (skip or step).
+    A CPU thread that waited on ``.item()`` per micro-batch could not run ahead and launch ZeRO-3's
+    prefetches while the device computes.
+    """
     eng, t = run.engine, run.cfg.train
     faults.at_step_start(run.step + 1)
-    batches, tokens = micro_batches(run, run.step)
-    n_local = sum(label_count(b) for b in batches)
-    # One collective per step: the global label count (for the loss normaliser) and stop requests.
-    n_global, stop = all_reduce_sum([n_local, float(run.stop_signal.is_set())], eng.device)
-    run.stop_requested = stop > 0
+    sb = micro_batches(run, run.step)
+    gas = t.gradient_accumulation_steps
     # DeepSpeed divides by the accumulation steps and averages over ranks; scaling each micro-batch's
     # summed loss by world*gas/N makes the applied gradient that of (sum of all token losses)/N.
-    per_micro = max(n_global, 1.0) / (run.world * t.gradient_accumulation_steps)
-    loss_share, bad = 0.0, False
-    for b in batches:
+    per_micro = max(sb.global_labels, 1) / (run.world * gas)
+    loss_share = torch.zeros((), dtype=torch.float32, device=eng.device)
+    nonfinite = torch.zeros((), dtype=torch.float32, device=eng.device)
+    for k, b in enumerate(sb.batches):
         loss = eng(**_to_device(b, eng.device), num_items_in_batch=per_micro).loss
-        loss = faults.maybe_poison_loss(loss, run.step + 1)
-        finite = torch.isfinite(loss.detach()).float()
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank must take the same branch
-        if finite.item() == 0:
-            bad = True
-            if t.nonfinite == "stop":
-                raise NonFiniteLoss(f"non-finite loss at step {run.step + 1}; stopped (train.nonfinite=stop). "
-                                    f"The last good checkpoint is kept in {run.out / checkpoint.CKPT_DIR}; "
-                                    "lower train.lr or check the data, then resume")
-        else:
-            eng.backward(loss)
-            loss_share += loss.item() / (t.gradient_accumulation_steps * run.world)
-        if eng.is_gradient_accumulation_boundary() and bad:
-            skip_step(eng)
-        else:
-            eng.step()
-    return loss_share, tokens, not bad
+        loss = faults.maybe_poison_loss(loss, run.step + 1, k + 1)
+        nonfinite += (~torch.isfinite(loss.detach())).float()
+        # A non-finite micro-batch still goes through backward (its gradients are dropped with the
+        # whole step below), so that every rank runs the same collectives whatever its data.
+        eng.backward(loss)
+        loss_share += loss.detach().float() / (gas * run.world)
+        if k < gas - 1:
+            eng.step()  # not a boundary: DeepSpeed only counts the micro-step
+    flags = torch.stack([nonfinite, torch.tensor(float(run.stop_signal.is_set()), device=eng.device)])
+    dist.all_reduce(flags)
+    n_nonfinite, stop = flags.tolist()
+    run.stop_requested = stop > 0
+    if n_nonfinite:
+        if t.nonfinite == "stop":
+            raise NonFiniteLoss(f"non-finite loss at step {run.step + 1}; stopped (train.nonfinite=stop). "
+                                f"The last good checkpoint is kept in {run.out / checkpoint.CKPT_DIR}; "
+                                "lower train.lr or check the data, then resume")
+        skip_step(eng)
+    else:
+        eng.step()
+    return loss_share, sb, not n_nonfinite
 
 
 def skip_step(engine) -> None:
@@ -323,17 +387,18 @@ def evaluate(run: Run) -> dict:
     per_round = micro * run.world
     n_rounds = math.ceil(len(rows) / per_round)
     order = list(range(len(rows))) + [-1] * (n_rounds * per_round - len(rows))
-    loss_sum, n_tok = 0.0, 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=eng.device)
+    n_tok = 0
     eng.eval()
     with torch.no_grad():
         for r in range(n_rounds):
             idx = rank_micro_batch(order, r, micro, run.world, run.rank)
             batch_rows = [rows[i] if i >= 0 else {**rows[0], "labels": [IGNORE] * len(rows[0]["labels"])} for i in idx]
-            b = collate(batch_rows, run.tokenizer.pad_token_id)
+            b = collate(batch_rows, run.tokenizer.pad_token_id, run.flatten)
             n = label_count(b)
             out = eng(**_to_device(b, eng.device), num_items_in_batch=1.0)
             if n:
-                loss_sum += out.loss.item()
+                loss_sum += out.loss.detach().double()
                 n_tok += n
     eng.train()
     loss_sum, n_tok = all_reduce_sum([loss_sum, n_tok], eng.device)
@@ -372,15 +437,6 @@ class MetricsLog:
                 self.tb.close()
 
 
-def mfu(tokens_per_s: float, n_params: int, world: int) -> float | None:
-    """Model FLOPs utilisation: 4N FLOP/token (forward 2N + input-gradient 2N; the base gets no weight grads)."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    return 4 * n_params * tokens_per_s / (peak * world) if peak else None
-
-
 def save(run: Run) -> Path:
     c = run.cfg
     state = {"step": run.step, "epoch": run.step / (run.rounds_per_epoch // c.train.gradient_accumulation_steps),
@@ -391,41 +447,70 @@ def save(run: Run) -> Path:
     return checkpoint.save(run.engine, run.out, run.step, state, c.train.keep_last, run.rank)
 
 
+@dataclass
+class LogWindow:
+    """What the training steps since the last log record add up to, on this rank.
+
+    Only the steps themselves are timed (eval and checkpoints are not training throughput), and the
+    loss averages over applied steps only: a skipped step's loss is not part of any update.
+    """
+
+    loss: float | torch.Tensor = 0.0  # sum over applied steps of this rank's loss share
+    applied: int = 0
+    skipped: int = 0
+    tokens: int = 0
+    causal_pairs: int = 0
+    seconds: float = 0.0
+
+    def add(self, loss_share: torch.Tensor, sb: StepBatch, applied: bool, seconds: float) -> None:
+        if applied:
+            self.loss = self.loss + loss_share
+        self.applied += applied
+        self.skipped += not applied
+        self.tokens += sb.tokens
+        self.causal_pairs += sb.causal_pairs
+        self.seconds += seconds
+
+    def record(self, run: Run) -> dict:
+        """The window's metrics over all ranks (one collective)."""
+        loss_sum, tokens, pairs = all_reduce_sum([self.loss, self.tokens, self.causal_pairs], run.engine.device)
+        flop = run.flop_model.step_flops(tokens, pairs) if run.flop_model else 0.0
+        u = flops.mfu(flop, self.seconds, run.world, run.peak_tflops)
+        return {"loss": loss_sum / self.applied if self.applied else None, "applied_steps": self.applied,
+                "window_skipped_steps": self.skipped, "train_seconds": self.seconds,
+                "tokens_per_s": tokens / self.seconds if self.seconds > 0 else None,
+                **({"mfu": u} if u is not None else {})}
+
+
 def fit(run: Run) -> dict:
     """The training loop; returns the last train/eval metrics."""
     from tqdm import tqdm
 
     t = run.cfg.train
     steps_per_epoch = run.rounds_per_epoch // t.gradient_accumulation_steps
-    n_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in run.engine.module.parameters())
     run.log = MetricsLog(run.out, run.rank == 0)
     bar = tqdm(total=run.total_steps, initial=run.step, disable=run.rank != 0, desc="train", dynamic_ncols=True)
     last: dict = {}
-    window_loss, window_tokens, window_steps, t0 = 0.0, 0, 0, time.perf_counter()
+    window = LogWindow()
     try:  # closed on every exit, so an error message starts on a line of its own
         while run.step < run.total_steps:
-            loss_share, tokens, applied = train_step(run)
+            t0 = time.perf_counter()
+            loss_share, sb, applied = train_step(run)  # ends with a host sync: the step is done on the device
+            window.add(loss_share, sb, applied, time.perf_counter() - t0)
             run.step += 1
             run.skipped_steps += not applied
-            window_loss += loss_share
-            window_tokens += tokens
-            window_steps += applied
             bar.update(1)
             if run.step % t.log_steps == 0 or run.step == run.total_steps:
-                loss_sum, tok = all_reduce_sum([window_loss, window_tokens], run.engine.device)
-                dt = time.perf_counter() - t0
                 rec = {"kind": "train", "step": run.step, "epoch": round(run.step / steps_per_epoch, 4),
-                       "loss": loss_sum / max(window_steps, 1), "lr": run.engine.get_lr()[0],
-                       "grad_norm": _float(run.engine.get_global_grad_norm()), "tokens_per_s": tok / dt,
-                       "skipped_steps": run.skipped_steps, **scale_diagnostics(run.engine.module)}
-                u = mfu(rec["tokens_per_s"], n_params, run.world)
-                if u is not None:
-                    rec["mfu"] = u
+                       **window.record(run), "lr": run.engine.get_lr()[0],
+                       "grad_norm": _float(run.engine.get_global_grad_norm()), "skipped_steps": run.skipped_steps,
+                       **scale_diagnostics(run.engine.module)}
                 run.log.write(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                                **({"mfu": f"{u:.1%}"} if u is not None else {}))
+                bar.set_postfix(loss="-" if rec["loss"] is None else f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
+                                tok_s=f"{rec['tokens_per_s']:.0f}",
+                                **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
                 last.update(rec)
-                window_loss, window_tokens, window_steps, t0 = 0.0, 0, 0, time.perf_counter()
+                window = LogWindow()
             if run.eval_rows is not None and t.eval_steps and run.step % t.eval_steps == 0 and run.step < run.total_steps:
                 last.update(_log_eval(run))
             if run.stop_requested:
@@ -502,19 +587,30 @@ def train(cfg: Config) -> dict:
     run.stop_signal = stop_signal
     try:
         result = fit(run)
-        if not result.get("stopped") and (cfg.export.merged or cfg.export.adapter):
-            from allora_ds.export import export_run
-
-            if run.rank == 0:
-                export_run(cfg, Path(result["checkpoint"]))
-            dist.barrier()
-        if run.rank == 0 and not result.get("stopped"):
-            summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("loss", "eval_loss", "eval_ppl") if k in result)
-            print(f"[allora_ds] finished at step {run.step}: {summary}; outputs in {run.out}", flush=True)
-        return result
     finally:
         if run.log:
             run.log.close()
+    # The last collective is behind us (fit ends with a checkpoint and its barrier). Leave the
+    # process group before the export: rank 0 alone reads and writes the whole model (141 GB each
+    # way for 70B), and ranks left waiting in a barrier meanwhile would be killed by NCCL's watchdog.
+    leave_process_group()
+    if run.rank == 0 and not result.get("stopped"):
+        if cfg.export.merged or cfg.export.adapter:
+            from allora_ds.export import export_run
+
+            export_run(cfg, Path(result["checkpoint"]))
+        summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("loss", "eval_loss", "eval_ppl")
+                            if result.get(k) is not None)
+        print(f"[allora_ds] finished at step {run.step}: {summary}; outputs in {run.out}", flush=True)
+    return result
+
+
+def leave_process_group() -> None:
+    if dist.is_initialized():
+        # All ranks past their last collective before any tears its connections down: a gloo peer
+        # that still has an operation in flight when the other side closes can abort at exit.
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @cli
@@ -527,11 +623,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     cfg = load_config(args.config, args.overrides)
     train(cfg)
-    if dist.is_initialized():
-        # All ranks past their last collective before any tears its connections down: a gloo peer
-        # that still has an operation in flight when the other side closes can abort at exit.
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

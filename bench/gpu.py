@@ -17,11 +17,12 @@ the same form, and CI runs that. One process, a world of one (no launcher needed
   3. the trainer's own ``allora_ds.train.train_step`` runs ``--warmup`` untimed then ``--steps`` timed
      optimizer steps on random token sequences of ``--seq-len`` (micro-batch 1, no padding).
 
-Reported per method: median step time, tokens/s, MFU as the trainer reports it (4N FLOPs per token:
-forward 2N + input gradients 2N, the frozen base gets no weight gradients; attention FLOPs not
-counted) and the hardware FLOPs utilisation including the recomputed forward of gradient
-checkpointing (6N), peak GPU memory; and allora/lora step time. Prints the table last; writes JSON
-(default bench/results/gpu.json, which --tiny-cpu does not touch unless --out says so).
+Reported per method: median step time, tokens/s, MFU as the trainer reports it (allora_ds/flops.py:
+4N FLOPs per token for forward and input gradients, 2N_trainable for the adapter weight gradients,
+causal attention FLOPs; N excludes the input embedding) and the hardware FLOPs utilisation that
+also counts the recomputed forward of gradient checkpointing, peak GPU memory; and allora/lora step
+time. Prints the table last; writes JSON (default bench/results/gpu.json, which --tiny-cpu does not
+touch unless --out says so).
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def random_rows(n: int, seq_len: int, vocab: int, seed: int) -> list[dict]:
 def measure(method: str, args, shape: dict, ds_path: Path, dtype: str, out_dir: Path) -> dict:
     import torch
 
-    from allora_ds.train import Run, mfu, train_step
+    from allora_ds import flops
+    from allora_ds.train import Run, train_step
 
     t0 = time.perf_counter()
     total = args.warmup + args.steps
@@ -124,27 +126,31 @@ def measure(method: str, args, shape: dict, ds_path: Path, dtype: str, out_dir: 
         torch.cuda.reset_peak_memory_stats()
     rows = random_rows(total, args.seq_len, shape["vocab_size"], seed=1)
     run = Run(cfg=cfg, out=out_dir, rank=0, world=1, engine=engine, tokenizer=SimpleNamespace(pad_token_id=0),
-              train_rows=rows, eval_rows=None, rounds_per_epoch=len(rows), total_steps=total)
-    times, losses = [], []
+              train_rows=rows, eval_rows=None, rounds_per_epoch=len(rows), total_steps=total,
+              label_counts=[sum(t != -100 for t in r["labels"]) for r in rows], flop_model=flops.flop_model(engine.module),
+              peak_tflops=flops.peak_tflops(torch.cuda.get_device_name()) if cuda else None)
+    times, losses, step_flops = [], [], 0.0
     for i in range(total):
         if cuda:
             torch.cuda.synchronize()
         s0 = time.perf_counter()
-        loss, tokens, applied = train_step(run)  # ends with loss.item(): the step has finished on the device
+        loss, sb, applied = train_step(run)
         run.step += 1
         if cuda:
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - s0)
-        losses.append(loss)
-        assert applied and tokens == args.seq_len
+        losses.append(float(loss))
+        assert applied and sb.tokens == args.seq_len
+        step_flops = run.flop_model.step_flops(sb.tokens, sb.causal_pairs)
     step_s = statistics.median(times)
     tps = args.seq_len / step_s
     n_params = counts["total"]
-    util = mfu(tps, n_params, 1)  # None without a GPU of known peak
+    util = flops.mfu(step_flops, step_s, 1, run.peak_tflops)  # None without a GPU of known peak
+    recompute = run.flop_model.matmul_params * 2 * args.seq_len  # the checkpointed forward, run twice
     res = {
         "method": method, "build_s": build_s, "step_s": step_s, "step_s_all": times, "tokens_per_s": tps,
-        "mfu": util, "hfu_with_recompute": util * 6 / 4 if util is not None else None,
+        "mfu": util, "hfu_with_recompute": util * (step_flops + recompute) / step_flops if util is not None else None,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "params": n_params, "trainable": counts["trainable"], "losses": losses,
     }
@@ -207,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     def pct(x):
         return f"{100 * x:.1f}%" if x is not None else "-"
 
-    print(table(["method", "step s", "tokens/s", "MFU (4N)", "HFU (6N)", "peak GiB"], [
+    print(table(["method", "step s", "tokens/s", "MFU", "HFU (+recompute)", "peak GiB"], [
         [r["method"], r["step_s"], r["tokens_per_s"], pct(r["mfu"]), pct(r["hfu_with_recompute"]),
          f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"] for r in results
     ], {1: ".3f", 2: ".0f"}))
