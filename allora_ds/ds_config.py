@@ -63,7 +63,8 @@ def fill_ds_config(ds: dict, cfg: Config, world_size: int, hidden_size: int, pat
             section["enabled"] = want
         elif bool(section["enabled"]) != want:
             raise UserError(f"{path}: {prec}.enabled is {section['enabled']} but model.dtype is {cfg.model.dtype}")
-    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    # torch's AdamW when the JSON names none: DeepSpeed's default AdamW is FusedAdam, JIT-built with nvcc.
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
     params = opt.setdefault("params", {})
     for key, value in (("lr", t.lr), ("betas", list(t.adam_betas)), ("eps", 1e-8), ("weight_decay", t.weight_decay)):
         _fill(params, key, value, path, f"train config ({key})")
