@@ -7,8 +7,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["allora_ds", "allora_ds.*"]),
-    package_data={"allora_ds": ["assets/*"]},
+    # The repository's ds_configs/ ships inside the package as allora_ds/ds_configs (one copy of the
+    # files), so `train.deepspeed=zero3_bf16` works wherever allora-train is installed.
+    packages=find_packages(include=["allora_ds", "allora_ds.*"]) + ["allora_ds.ds_configs"],
+    package_dir={"allora_ds.ds_configs": "ds_configs"},
+    package_data={"allora_ds": ["assets/*"], "allora_ds.ds_configs": ["*.json", "README.md"]},
     install_requires=[
         "torch>=2.3",
         "deepspeed>=0.16",

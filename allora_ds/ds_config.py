@@ -2,6 +2,9 @@
 
 The trainer owns batch sizes, learning rate, clipping, precision and the LR schedule; the JSON
 owns the ZeRO stage, offload and communication settings. A value set in both must agree.
+
+``train.deepspeed`` is a path or the name of a config shipped with the package (``zero3_bf16``,
+``zero3_cpu.json``, ...): an installed ``allora-train`` runs from any directory.
 """
 
 from __future__ import annotations
@@ -13,10 +16,37 @@ from allora_ds.config import Config
 from allora_ds.errors import UserError
 
 AUTO = "auto"
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def shipped_dir() -> Path:
+    """The DeepSpeed configs that come with allora_ds.
+
+    setup.py installs the repository's ``ds_configs/`` as ``allora_ds/ds_configs``; in a source
+    checkout (also under ``pip install -e``) they are at the repository root beside the package.
+    """
+    installed = _PACKAGE / "ds_configs"
+    return installed if installed.is_dir() else _PACKAGE.parent / "ds_configs"
+
+
+def shipped_names() -> list[str]:
+    return sorted(p.stem for p in shipped_dir().glob("*.json"))
+
+
+def resolve_ds_config(name: str | Path) -> Path:
+    """An existing path wins; else a bare name, with or without ``.json``, names a shipped config."""
+    p = Path(name).expanduser()
+    if p.exists():
+        return p
+    stem = p.name.removesuffix(".json")
+    if p.name == str(name) and stem in shipped_names():  # bare: no directory part
+        return shipped_dir() / f"{stem}.json"
+    raise UserError(f"train.deepspeed: cannot read {name}: no such file, and not the name of a shipped config "
+                    f"({', '.join(shipped_names())})")
 
 
 def read_ds_config(path: str | Path) -> dict:
-    p = Path(path)
+    p = resolve_ds_config(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
@@ -46,7 +76,10 @@ def _fill(ds: dict, key: str, value, path: Path, what: str) -> None:
 def fill_ds_config(ds: dict, cfg: Config, world_size: int, hidden_size: int, path: str | Path) -> dict:
     """Return a copy of ``ds`` with every "auto" resolved; raises ``UserError`` on conflicts."""
     ds = json.loads(json.dumps(ds))
-    path = Path(path)
+    try:  # messages name the file that was read, also for a bare name
+        path = resolve_ds_config(path)
+    except UserError:
+        path = Path(path)
     t = cfg.train
     if "scheduler" in ds:
         raise UserError(f"{path}: remove the \"scheduler\" section; the schedule comes from train.scheduler and "
