@@ -161,6 +161,17 @@ def full_weight(weight: torch.nn.Parameter):
         yield weight
 
 
+def head_weight(model: nn.Module) -> nn.Parameter:
+    """The LM head's weight, read without DeepSpeed's attribute getter.
+
+    Inside the engine's forward, ZeRO-3 gathers a partitioned parameter read as ``module.weight``
+    and registers it as an external parameter of the enclosing module (here the whole model), which
+    then gathers it again for the backward, where the chunked loss does not need it. Iterating over
+    ``named_parameters`` does not go through that getter, so ``full_weight`` alone decides.
+    """
+    return dict(model.lm_head.named_parameters(recurse=False))["weight"]
+
+
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why ``install`` cannot give ``model`` the chunked loss, or None if it can."""
     from transformers.loss.loss_utils import ForCausalLMLoss
@@ -212,7 +223,7 @@ def _forward(self, *args, chunk=None, **kwargs):
     positions = label_positions(loss_kw.get("labels"), loss_kw.get("shift_labels"),
                                 loss_kw.get("ignore_index", IGNORE_INDEX))
     out = self.model(**kwargs)
-    with full_weight(self.lm_head.weight) as w:
+    with full_weight(head_weight(self)) as w:
         loss = linear_cross_entropy(out.last_hidden_state, w, num_items_in_batch=loss_kw.get("num_items_in_batch"),
                                     positions=positions, chunk=chunk)
     return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states, attentions=out.attentions)
