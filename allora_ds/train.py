@@ -80,8 +80,14 @@ class Run:
 # setup
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """Join the process group the launcher (deepspeed, torchrun, srun) describes, or form one of 1."""
+def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, int]:
+    """Join the process group the launcher (deepspeed, torchrun, srun) describes, or form one of 1.
+
+    ``timeout_minutes``: how long a rank may wait in one collective before NCCL's watchdog (or gloo)
+    aborts the job.
+    """
+    import datetime
+
     import deepspeed
 
     if "RANK" not in os.environ:  # plain `python -m allora_ds.train`: a world of one
@@ -90,7 +96,7 @@ def init_distributed() -> tuple[int, int, int]:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_init_required=True)
+    deepspeed.init_distributed(dist_init_required=True, timeout=datetime.timedelta(minutes=timeout_minutes))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     release_cpu_allreduce_buffer()
@@ -161,7 +167,7 @@ def setup(cfg: Config) -> Run:
     check_launch_env()  # before init_distributed fills in a world of one
     check_build_locks()  # a stale JIT-build lock would make the first DeepSpeed op wait forever
 
-    rank, world, local_rank = init_distributed()
+    rank, world, local_rank = init_distributed(cfg.train.collective_timeout_minutes)
     ds = fill_ds_config(ds_raw, cfg, world, getattr(model_config, "hidden_size", 4096), cfg.train.deepspeed)
     ckpt, state = decide_resume(cfg, out, rank, world)
     torch.manual_seed(cfg.train.seed)
@@ -598,6 +604,7 @@ def train(cfg: Config) -> dict:
         if cfg.export.merged or cfg.export.adapter:
             from allora_ds.export import export_run
 
+            faults.before_export(run.step)
             export_run(cfg, Path(result["checkpoint"]))
         summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("loss", "eval_loss", "eval_ppl")
                             if result.get(k) is not None)

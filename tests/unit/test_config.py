@@ -56,6 +56,9 @@ def test_overrides_win_and_are_parsed_as_yaml(tmp_path):
         (BASE, ["lr=1"], r"override 'lr=1': expected section.key=value"),
         ("model: [1, 2\n", (), r"run.yaml:2: invalid YAML"),
         (BASE, ["train.scheduler=step"], r"'step' is not one of cosine, linear, constant"),
+        (BASE, ["data.packing=true", "model.attn_implementation=paged|sdpa"],
+         r"override: model.attn_implementation: 'paged\|sdpa' is not known to keep packed examples apart"),
+        (BASE, ["train.collective_timeout_minutes=0"], r"train.collective_timeout_minutes: must be > 0"),
     ],
 )
 def test_mistakes_name_file_line_and_key(tmp_path, text, overrides, message):

@@ -165,3 +165,35 @@ def test_eval_fraction_holds_out_a_seeded_split(tmp_path, tiny_tokenizer):
     assert (len(train), len(ev)) == (30, 10)
     train2, ev2 = prepare_data(cfg, tiny_tokenizer, rank=0)
     assert ev["input_ids"] == ev2["input_ids"] and not set(map(tuple, ev["input_ids"])) & set(map(tuple, train["input_ids"]))
+
+
+def _per_token_loss(model, batch):
+    """Cross-entropy of every position that has a label (HF's shift: position t predicts label t+1)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith(("cu_seq", "max_length"))}
+    logits = model(**inputs, use_cache=False).logits.float()
+    labels = batch["labels"]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none",
+                                             ignore_index=IGNORE)
+    return loss[labels[:, 1:] != IGNORE]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_a_flattened_micro_batch_scores_every_example_as_if_alone(tiny_model, attn):
+    """Packed rows flattened into one row (what flash attention gets) and packed rows kept apart
+    (what sdpa/eager get): every example's per-token loss equals that of the example run alone."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation=attn).eval()
+    examples = [[1, 40, 41, 42, 43], [1, 50, 51, 52], [1, 60, 61], [1, 70, 71, 72, 73, 74]]
+    rows = [{"input_ids": e, "labels": [IGNORE] + e[1:]} for e in examples]
+    packed = [{"input_ids": a["input_ids"] + b["input_ids"], "labels": a["labels"] + b["labels"],
+               "position_ids": list(range(len(a["input_ids"]))) + list(range(len(b["input_ids"])))}
+              for a, b in (rows[:2], rows[2:])]
+    with torch.no_grad():
+        alone = torch.cat([_per_token_loss(model, collate([r], pad_id=0)) for r in rows])
+        flat = collate(packed, pad_id=0, flatten=True)
+        assert flat["input_ids"].shape == (1, sum(map(len, examples)))
+        assert flat["cu_seq_lens_q"].tolist() == [0, 5, 9, 12, 18] and flat["max_length_q"] == 6
+        for batch in (flat, collate(packed, pad_id=0), collate(rows, pad_id=0, flatten=True)):
+            got = _per_token_loss(model, batch)
+            assert torch.allclose(got, alone, atol=1e-5), f"{attn}: {(got - alone).abs().max():.2e} from the examples alone"

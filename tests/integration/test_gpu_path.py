@@ -1,0 +1,90 @@
+"""Faults of the GPU path that CPU ranks can be made to show: host syncs per micro-batch, full
+adapter copies on every rank, a stale JIT-build lock, ranks that each pick their own checkpoint."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import BIN, REPO, deepspeed_cmd, free_port, read_metrics, run, test_env, train_cmd, write_config
+
+PROBE = REPO / "tests" / "integration" / "trainer_probe_worker.py"
+
+
+def test_a_step_syncs_the_host_once_and_only_rank0_keeps_the_adapters(tiny_model, tmp_path):
+    gas = 4
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model, tmp_path / "run",
+                       train={"gradient_accumulation_steps": gas, "micro_batch_size": 2})
+    run(deepspeed_cmd([PROBE, cfg, tmp_path / "probe"]))
+    ranks = [json.loads((tmp_path / "probe" / f"rank-{k}.json").read_text()) for k in (0, 1)]
+    for k, r in enumerate(ranks):
+        # One all-reduce (non-finite flags + stop requests) and one host read of it per optimizer
+        # step, whatever the number of micro-batches (DeepSpeed's own calls are not counted).
+        syncs = r["per_step"]
+        assert syncs["all_reduce"] == 1, f"rank {k}: {syncs['all_reduce']} all-reduces per step with {gas} micro-batches"
+        assert syncs["item"] + syncs["tolist"] + syncs["float"] <= 1, f"rank {k}: host syncs per step {syncs}"
+    assert ranks[0]["kept"] == ranks[0]["trainable"] > 0
+    assert ranks[1]["kept"] == 0, f"rank 1 kept {ranks[1]['kept_bytes']} bytes of adapters in host memory"
+
+
+def test_stale_build_lock_stops_the_run_with_one_line(tiny_model, tmp_path):
+    ext = tmp_path / "torch_extensions"
+    lock = ext / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    hour_ago = time.time() - 3600
+    os.utime(lock, (hour_ago, hour_ago))
+    os.utime(lock.parent, (hour_ago, hour_ago))
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model, tmp_path / "run")
+    # Without the check, the first DeepSpeed op waits on the lock forever: the timeout fails the test.
+    p = run(train_cmd(cfg), env=test_env(TORCH_EXTENSIONS_DIR=ext), check=False, timeout=180)
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert p.returncode == 2 and len(errors) == 1, p.stderr[-3000:]
+    assert str(lock) in errors[0] and "stale build lock" in errors[0] and re.search(r"left (6\d) min ago", errors[0])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root for a mount namespace")
+def test_resume_is_decided_by_rank_zero_whatever_other_nodes_see(trained, tmp_path):
+    """Two 'nodes' (deepspeed --no_ssh, one rank each). Node 1 sees the shared run directory as an
+    NFS client with a stale attribute cache would: the newest checkpoint's trainer_state.json is
+    missing, so listing on its own it would resume from the older checkpoint while node 0 resumes
+    from the newest, and the ranks would run different steps."""
+    run_dir, cfg, _ = trained
+    out = tmp_path / "run"
+    shutil.copytree(run_dir / "checkpoints", out / "checkpoints")
+    newest = out / "checkpoints" / "step-00000008"
+    stale_view = tmp_path / "stale-view"  # what node 1 sees in place of the newest checkpoint
+    shutil.copytree(newest, stale_view)
+    (stale_view / "trainer_state.json").unlink()
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
+    port = free_port()
+    overrides = [f"train.output_dir={out}", "train.max_steps=10", "export.merged=false", "export.adapter=false"]
+
+    def node(k):
+        ds = [BIN / "deepspeed", "--hostfile", hostfile, "--no_ssh", "--node_rank", k, "--master_addr", "127.0.0.1",
+              "--master_port", port, "--module", "allora_ds.train", cfg, *overrides]
+        cmd = [str(c) for c in ds]
+        if k == 1:  # a private mount namespace in which the stale view covers the newest checkpoint
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   'mount --bind "$0" "$1" && shift 2 && exec "$@"', str(stale_view), str(newest), *cmd]
+        return subprocess.Popen(cmd, env=test_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+    procs = [node(0), node(1)]
+    try:
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    assert "resumed from" in logs[0] and "step-00000008 at step 8" in logs[0]
+    steps = [r["step"] for r in read_metrics(out)]
+    assert steps == [9, 10], f"metrics steps {steps}: the ranks did not resume from the same step"
