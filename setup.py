@@ -26,11 +26,13 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "peft>=0.13", "accelerate>=1.0", "matplotlib", "psutil"],
         "tensorboard": ["tensorboard"],
+        "eval": ["peft>=0.13"],  # allora-eval on a PEFT adapter directory
     },
     entry_points={
         "console_scripts": [
             "allora-train=allora_ds.train:main",
             "allora-export=allora_ds.export:main",
+            "allora-eval=allora_ds.commonsense_eval:main",
         ]
     },
 )

@@ -268,12 +268,23 @@ def shard(keys: list, rank: int, world: int) -> list:
 
 
 def _distributed() -> tuple[int, int, int]:
-    """Join the launcher's process group when there is one (deepspeed, torchrun, srun); else a world of 1."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, int(os.environ.get("LOCAL_RANK", "0"))
-    from allora_ds.train import init_distributed
+    """Join the process group a launcher (deepspeed, torchrun, srun) describes; else a world of one.
 
-    return init_distributed()
+    Plain torch.distributed, not DeepSpeed's init: evaluation needs one gather, and on CPU
+    DeepSpeed's communication backend would first JIT-build an op and map a shared-memory buffer.
+    """
+    from allora_ds.launch_env import check_launch_env
+
+    check_launch_env()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)  # all_gather_object on NCCL uses the current device
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local_rank
 
 
 def _gather(items: list, world: int) -> list:

@@ -6,10 +6,10 @@ writes ``OUT_DIR/commonsense_train.json`` (instruction, input, output, answer: t
 commonsense_170k.json) and ``OUT_DIR/dataset/NAME/test.json`` for three sets whose answers follow
 the real benchmarks' formats: ``synth_truefalse`` (BoolQ's true/false), ``synth_solution`` (PIQA's
 solution1/2) and ``synth_answer`` (ARC/OBQA's answer1..4). The right answer follows from the category
-the question names ("where would you find a fruit like the plum?" -> "in an orchard"), which a model
-of the demo's size learns in a hundred steps; test questions name items that training never shows.
-A model that ignores the question scores at chance (50%, 50% and 25%); one that does not follow
-the answer format scores 0.
+the question names ("where would you find a fruit?" -> "in an orchard"). Test questions are drawn
+like the training ones, so they repeat training prompts: the sets check an evaluation pipeline
+(prompt, decoding, extraction, scoring), not generalisation. A model that ignores the question
+scores at chance (50%, 50% and 25%); one that does not follow the answer format scores 0.
 """
 
 from __future__ import annotations
@@ -19,27 +19,23 @@ import json
 import random
 from pathlib import Path
 
-from allora_ds.demo_data import CATEGORIES
-
 SETS = ("synth_truefalse", "synth_solution", "synth_answer")
 CHANCE = {"synth_truefalse": 0.5, "synth_solution": 0.5, "synth_answer": 0.25}
 # (question, options, {category of the question: index of the right option}); options in fixed order.
 QUESTIONS = {
-    "synth_truefalse": ("can {a} {cat} like the {item} walk?", ("true", "false"), {"animal": 0, "tool": 1}),
-    "synth_solution": ("where do you keep {a} {cat} like the {item}?", ("in a fruit bowl", "in a toolbox"), {"fruit": 0, "tool": 1}),
-    "synth_answer": ("where would you find {a} {cat} like the {item}?", ("in an orchard", "in a zoo", "on a palette", "in a toolbox"),
+    "synth_truefalse": ("can {a} {cat} walk?", ("true", "false"), {"animal": 0, "tool": 1}),
+    "synth_solution": ("where do you keep {a} {cat}?", ("in a fruit bowl", "in a toolbox"), {"fruit": 0, "tool": 1}),
+    "synth_answer": ("where would you find {a} {cat}?", ("in an orchard", "in a zoo", "on a palette", "in a toolbox"),
                      {"fruit": 0, "animal": 1, "color": 2, "tool": 3}),
 }
-HELD_OUT = 3  # the last items of each category appear only in test questions
 
 
-def example(kind: str, rng: random.Random, test: bool = False) -> dict:
+def example(kind: str, rng: random.Random) -> dict:
     """One example of ``kind`` in LLM-Adapters' phrasing (``... Answer format: a/b``) and fields."""
     question, options, right = QUESTIONS[kind]
     cat = rng.choice(sorted(right))
     k = right[cat]
-    items = CATEGORIES[cat][-HELD_OUT:] if test else CATEGORIES[cat][:-HELD_OUT]
-    q = question.format(a="an" if cat[0] in "aeiou" else "a", cat=cat, item=rng.choice(items))
+    q = question.format(a="an" if cat[0] in "aeiou" else "a", cat=cat)
     if kind == "synth_truefalse":
         answer = options[k]
         instruction = f"Please answer the following question with true or false, question: {q}\n\nAnswer format: true/false"
@@ -53,9 +49,9 @@ def example(kind: str, rng: random.Random, test: bool = False) -> dict:
     return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
 
 
-def make(n: int, seed: int, kinds: tuple[str, ...] = SETS, test: bool = False) -> list[dict]:
+def make(n: int, seed: int, kinds: tuple[str, ...] = SETS) -> list[dict]:
     rng = random.Random(seed)
-    return [example(kinds[i % len(kinds)], rng, test) for i in range(n)]
+    return [example(kinds[i % len(kinds)], rng) for i in range(n)]
 
 
 def write_synthetic(out_dir: str | Path, n_train: int = 2000, n_test: int = 60, seed: int = 0) -> Path:
@@ -66,7 +62,7 @@ def write_synthetic(out_dir: str | Path, n_train: int = 2000, n_test: int = 60, 
     for j, kind in enumerate(SETS):
         d = out / "dataset" / kind
         d.mkdir(parents=True, exist_ok=True)
-        (d / "test.json").write_text(json.dumps(make(n_test, seed + 1000 + j, (kind,), test=True), indent=1))
+        (d / "test.json").write_text(json.dumps(make(n_test, seed + 1000 + j, (kind,)), indent=1))
     return out
 
 
