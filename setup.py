@@ -24,7 +24,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8", "peft>=0.13", "accelerate>=1.0", "matplotlib", "psutil"],
+        # llama-models ships Meta's Llama-3 tokenizer (tiktoken format) for tests/llama3.py.
+        "dev": ["pytest>=8", "peft>=0.13", "accelerate>=1.0", "matplotlib", "psutil", "tiktoken", "llama-models"],
         "tensorboard": ["tensorboard"],
         "eval": ["peft>=0.13"],  # allora-eval on a PEFT adapter directory
     },

@@ -127,10 +127,13 @@ class Formatter:
         spans = []  # character spans of assistant replies (incl. their end-of-turn token)
         for i, m in enumerate(messages):
             if m["role"] == "assistant":
-                start, end = len(render(messages[:i], True)), len(render(messages[: i + 1]))
-                if not full.startswith(render(messages[: i + 1])):
+                if i == 0:  # its prompt would be an empty conversation, which templates do not render
+                    self._bad(idx, "the conversation starts with an assistant turn, which answers no prompt; "
+                                   "begin it with a system or user message")
+                prompt, upto = render(messages[:i], True), render(messages[: i + 1])
+                if not (full.startswith(prompt) and full.startswith(upto)):
                     self._bad(idx, "the tokenizer's chat template does not render conversations prefix by prefix")
-                spans.append((start, end))
+                spans.append((len(prompt), len(upto)))
         enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc.input_ids
         labels = [t if any(a <= s < b for a, b in spans) else IGNORE for t, (s, _) in zip(ids, enc.offset_mapping)]

@@ -147,14 +147,50 @@ def export_merged(ckpt: Path, output: Path, base: str | None = None, dtype: str 
             config["dtype"] = dtype
             config.pop("torch_dtype", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for name in ("generation_config.json",) + TOKENIZER_FILES:
-            if (base_dir / name).is_file():
-                shutil.copy2(base_dir / name, tmp / name)
+        if (base_dir / "generation_config.json").is_file():
+            shutil.copy2(base_dir / "generation_config.json", tmp / "generation_config.json")
+        tok_dir = tokenizer_dir(state["config"], base_dir)
+        for name in TOKENIZER_FILES:
+            if (tok_dir / name).is_file():
+                shutil.copy2(tok_dir / name, tmp / name)
+        add_stop_tokens(tmp, state["config"], config)
         commit()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
+
+
+def tokenizer_dir(run_config: dict, base_dir: Path) -> Path:
+    """The tokenizer the run trained with (``model.tokenizer`` when it is a local directory), else the base's."""
+    tok = run_config["model"].get("tokenizer")
+    return Path(tok).expanduser() if tok and Path(tok).expanduser().is_dir() else base_dir
+
+
+def add_stop_tokens(out: Path, run_config: dict, model_config: dict) -> None:
+    """Make the exported model's generation stop on what the finetune taught it to end a response with.
+
+    A base model's generation config stops on EOS only (Llama-3.1: ``<|end_of_text|>``); finetuned
+    on chat data it ends each reply with ``<|eot_id|>`` instead, and would otherwise never stop.
+    """
+    if not any((out / name).is_file() for name in TOKENIZER_FILES):
+        return
+    from transformers import AutoTokenizer
+
+    from allora_ds.modeling import stop_token_ids
+
+    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=bool(run_config["model"].get("trust_remote_code")))
+    stops = stop_token_ids(tok, run_config["data"]["format"])
+    path = out / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.is_file() else {
+        k: model_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if model_config.get(k) is not None}
+    eos = gen.get("eos_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    missing = [t for t in stops if t not in eos]
+    if missing:
+        eos += missing
+        gen["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+        path.write_text(json.dumps(gen, indent=2) + "\n")
 
 
 def export_adapter(ckpt: Path, output: Path, base: str | None = None, overwrite: bool = False,

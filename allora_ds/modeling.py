@@ -56,6 +56,30 @@ def load_tokenizer(mc: ModelConfig):
     return tok
 
 
+def stop_token_ids(tok, data_format: str) -> list[int]:
+    """The tokens that a finetune on ``data_format`` teaches the model to end its response with.
+
+    alpaca and text responses end with the tokenizer's EOS (``data.Formatter`` appends it); a chat
+    reply ends with the special tokens the chat template writes right after it (Llama-3:
+    ``<|eot_id|>``, ChatML: ``<|im_end|>``), which are labelled with the reply.
+    """
+    if data_format != "chat":
+        return [] if tok.eos_token_id is None else [tok.eos_token_id]
+    reply = "allora reply"
+    text = tok.apply_chat_template([{"role": "user", "content": "allora prompt"}, {"role": "assistant", "content": reply}],
+                                   tokenize=False)
+    end = text.rfind(reply) + len(reply)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    special = {i for i, t in tok.added_tokens_decoder.items() if t.special} | set(tok.all_special_ids)
+    ids = []
+    for t, (start, _) in zip(enc.input_ids, enc.offset_mapping):
+        if start >= end:
+            if t not in special:
+                break
+            ids.append(t)
+    return ids
+
+
 def load_model(cfg: Config, ds_config: dict, verbose: bool = True):
     """Base model from ``cfg.model`` with adapters from ``cfg.adapter`` injected.
 

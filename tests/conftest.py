@@ -113,3 +113,15 @@ def tiny_tokenizer(tmp_path_factory):
     from allora_ds.tiny import build_tokenizer
 
     return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+
+@pytest.fixture(scope="session")
+def llama3_dir() -> Path:
+    """A tiny Llama-3.1 model directory around Meta's real tokenizer (tests/llama3.py), cached between runs."""
+    from tests.llama3 import llama3_model_dir, missing_requirement
+
+    why = missing_requirement()
+    if why:
+        pytest.skip(why)
+    return llama3_model_dir()
