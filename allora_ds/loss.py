@@ -8,15 +8,16 @@ logits to fp32: ~0.5 GB (bf16) + ~1 GB (fp32) + ~1 GB (log-softmax) per 2,048 to
 * only the positions whose (shifted) label is not ``ignore_index`` are projected;
 * they are projected ``chunk`` rows at a time; each chunk's logits are upcast to fp32 (the
   weight never is), turned into the loss *and* into ``d loss / d hidden`` for those rows at once
-  (``(softmax - onehot) @ W``), then freed. Backward only scales that stored gradient, so the LM
+  (``(softmax - onehot) @ W``), then freed. Backward only scales that gradient, so the LM
   head weight is needed in forward only: under ZeRO-3 it is gathered once per micro-batch;
 * the result equals ``ForCausalLMLoss(lm_head(hidden), labels, num_items_in_batch=...)``: the
   same shift, ignore index, sum / ``num_items_in_batch`` (mean when it is None) and gradients,
   up to fp32 summation order.
 
 Peak memory of the loss path: ``chunk x vocab x 4`` bytes (fp32 model; ``x 6`` in bf16: the chunk's
-bf16 logits and their fp32 copy, then the fp32 and the bf16 gradient) plus ``labelled x hidden x 4``
-for the stored gradient, whatever the number of tokens.
+bf16 logits and their fp32 copy, then the fp32 and the bf16 gradient) whatever the number of
+tokens, plus the ``[tokens, hidden]`` gradient of the hidden states that any loss path returns
+(here allocated in forward and scaled in place in backward).
 
 ``install(model)`` gives a supported ``*ForCausalLM`` instance this loss: its ``forward`` runs the
 decoder (``model.model``) and this function when labels are given, and is transformers' own
@@ -71,12 +72,11 @@ def label_positions(labels: torch.Tensor | None, shift_labels: torch.Tensor | No
 
 def _chunked(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, chunk: int,
              with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sum of the token losses at ``rows`` and, with ``with_grad``, their unscaled fp32 gradient
-    with respect to ``hidden[rows]`` (``[len(rows), hidden]``)."""
-    n = rows.numel()
+    """Sum of the token losses at ``rows`` of ``hidden`` ``[T, H]`` and, with ``with_grad``, the
+    gradient of that sum with respect to ``hidden`` (``[T, H]``, zero where there is no label)."""
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    grad = torch.empty(n, hidden.shape[1], dtype=torch.float32, device=hidden.device) if with_grad else None
-    for s in range(0, n, chunk):
+    grad = torch.zeros_like(hidden) if with_grad else None
+    for s in range(0, rows.numel(), chunk):
         idx, tgt = rows[s : s + chunk], targets[s : s + chunk, None]
         # The chunk's logits in the model dtype, upcast as transformers does (a no-op in fp32). A
         # plain matmul, not F.linear, which DeepSpeed's zero.Init may have replaced.
@@ -88,7 +88,8 @@ def _chunked(hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, tar
         total += (sum_exp.log() + top.squeeze(1) - picked).sum()
         if with_grad:
             probs.div_(sum_exp[:, None]).scatter_add_(1, tgt, probs.new_full(tgt.shape, -1.0))  # softmax - onehot
-            grad[s : s + chunk] = probs.to(weight.dtype) @ weight
+            grad.index_copy_(0, idx, (probs.to(weight.dtype) @ weight).to(grad.dtype))
+        del logits, probs  # before the next chunk's logits exist, not after: one chunk alive at a time
     return total, grad
 
 
@@ -97,21 +98,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, rows, targets, chunk):
-        total, grad = _chunked(hidden, weight, rows, targets, chunk, with_grad=True)
-        ctx.grad, ctx.rows, ctx.shape, ctx.dtype = grad, rows, hidden.shape, hidden.dtype
+        total, ctx.grad = _chunked(hidden, weight, rows, targets, chunk, with_grad=True)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         # Rows without a label get exactly 0, as in the full-logits path, and every position gets a
-        # gradient tensor: a rank with no labelled token still runs the whole backward (ZeRO's
-        # gradient hooks are collectives).
-        out = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad_total.device)
-        if ctx.grad is None:
+        # gradient: a rank with no labelled token still runs the whole backward (ZeRO's gradient
+        # hooks are collectives). Scaled in place: the stored gradient is the returned one.
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
             raise RuntimeError("backward through the chunked loss a second time (retain_graph) is not supported")
-        out.index_copy_(0, ctx.rows, (ctx.grad * grad_total).to(ctx.dtype))
-        ctx.grad = None  # freed now, not when the caller drops the loss
-        return out, None, None, None, None
+        return grad.mul_(grad_total), None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None = None, *,
