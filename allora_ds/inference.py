@@ -34,6 +34,7 @@ class ModelSource:
     kind: str
     path: Path
     base: str | None = None
+    tokenizer: str | None = None  # where the tokenizer is, when not with the model or the base
 
     def describe(self) -> str:
         return str(self.path) if self.kind == "merged" else f"{self.path} ({self.kind}) on {self.base}"
@@ -57,13 +58,16 @@ def resolve_source(model: str, base: str | None = None) -> ModelSource:
         base = base or cfg.get("base_model_name_or_path")
         if not base:
             raise UserError(f"--model: {p} is a PEFT adapter without base_model_name_or_path: pass --base")
-        return ModelSource("peft", p, base)
+        own_tokenizer = str(p) if (p / "tokenizer_config.json").is_file() else None
+        return ModelSource("peft", p, base, own_tokenizer)
     if not (p / STATE_FILE).is_file() and complete_checkpoints(p):  # a run directory
         p = complete_checkpoints(p)[-1]
     if (p / STATE_FILE).is_file():
         if not is_complete(p):
             raise UserError(f"--model: checkpoint {p} is incomplete (interrupted while saving?); use an earlier step")
-        return ModelSource("checkpoint", p, base or read_trainer_state(p)["config"]["model"]["path"])
+        model_cfg = read_trainer_state(p)["config"]["model"]
+        tok = model_cfg.get("tokenizer")  # the run's own tokenizer (model.tokenizer), when it is a directory
+        return ModelSource("checkpoint", p, base or model_cfg["path"], tok if tok and Path(tok).is_dir() else None)
     if (p / "config.json").is_file():
         if base:
             raise UserError(f"--base: {model} is a merged model, which needs no base (drop --base)")
@@ -85,7 +89,7 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
 
     from allora_ds.modeling import LLAMA3_PAD
 
-    where = source.path if source.kind == "merged" else _base_dir(source)
+    where = source.tokenizer or (source.path if source.kind == "merged" else _base_dir(source))
     try:
         tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -163,7 +167,7 @@ def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu",
     return model
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
+def generation_stop_ids(model, tokenizer) -> list[int]:
     """End-of-sequence ids to stop on: the model's, the tokenizer's and Llama-3's end of turn."""
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
@@ -187,7 +191,7 @@ def generate(model, tokenizer, prompts: list[list[int]], batch_size: int, num_be
     # Replace, not merge: a base's generation_config.json may ask for sampling (Llama-3-8B does).
     model.generation_config = GenerationConfig(
         do_sample=False, num_beams=num_beams, num_return_sequences=1, max_new_tokens=max_new_tokens,
-        length_penalty=1.0, early_stopping=False, eos_token_id=stop_token_ids(model, tokenizer),
+        length_penalty=1.0, early_stopping=False, eos_token_id=generation_stop_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, use_cache=True,
     )
     device = next(model.parameters()).device
