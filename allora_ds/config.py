@@ -110,10 +110,15 @@ class TrainConfig:
     resume: str = _f("auto", "auto (newest complete checkpoint in output_dir), never, or a checkpoint path.")
     resume_allow_changes: list[str] = _f([], "Keys (e.g. data.train) allowed to differ from the checkpoint's config on resume.")
     nonfinite: str = _f("stop", "On a non-finite loss: stop (keep the last good checkpoint) or skip the step.", NONFINITE)
+    chunked_loss: bool = _f(True, "LM head + cross-entropy only at labelled positions, in chunks (allora_ds/loss.py): "
+                                  "transformers' loss and gradients without its [tokens, vocab] fp32 logits. false = "
+                                  "transformers' loss. Models other than Llama/Mistral/Qwen2/Qwen3/Gemma/Phi-3/OLMo-2, or "
+                                  "with an adapter on lm_head, keep transformers' loss (printed at start).")
     collective_timeout_minutes: float = _f(30.0, "How long a rank may wait in one collective (e.g. while rank 0 "
                                                  "tokenizes a large dataset) before the job is aborted.")
     peak_tflops: float = _f(0.0, "Peak TFLOP/s of one device for the MFU figure; 0 = the datasheet dense bf16 peak "
                                  "of a known GPU (see allora_ds/flops.py), not reported on others.")
+
 
 @dataclass
 class ExportConfig:
@@ -319,7 +324,6 @@ def _validate(cfg: Config, origin) -> None:
         bad("data.max_seq_len", f"must be >= 2, got {cfg.data.max_seq_len}")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         bad("data.eval_fraction", f"must be in [0, 1), got {cfg.data.eval_fraction}")
-    if cfg.data.num_proc < 1:
     if cfg.data.packing and cfg.model.attn_implementation not in PACKING_ATTENTION:
         bad("model.attn_implementation", f"{cfg.model.attn_implementation!r} is not known to keep packed examples "
             f"apart; with data.packing use one of {', '.join(a for a in PACKING_ATTENTION if a)} (or null: sdpa)")
@@ -327,6 +331,7 @@ def _validate(cfg: Config, origin) -> None:
         bad("train.collective_timeout_minutes", f"must be > 0, got {cfg.train.collective_timeout_minutes}")
     if cfg.train.peak_tflops < 0:
         bad("train.peak_tflops", f"must be >= 0, got {cfg.train.peak_tflops}")
+    if cfg.data.num_proc < 1:
         bad("data.num_proc", f"must be >= 1, got {cfg.data.num_proc}")
     try:
         cfg.adapter.spec()

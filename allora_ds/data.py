@@ -197,14 +197,14 @@ def pack(ds, max_len: int):
             if cur["input_ids"] and len(cur["input_ids"]) + len(ids) > max_len:
                 for k in rows:
                     rows[k].append(cur[k])
-                cur = {k: [] for k in rows}
+                cur = empty()
             cur["input_ids"] += ids
             cur["labels"] += labels
             cur["position_ids"] += list(range(len(ids)))
+            cur["n_labels"] += n
         if cur["input_ids"]:
             for k in rows:
                 rows[k].append(cur[k])
-            cur["n_labels"] += n
         return rows
 
     return ds.map(pack_batch, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="packing")
@@ -257,8 +257,6 @@ def collate(rows: list[dict], pad_id: int, flatten: bool = False) -> dict:
     return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 
 
-def label_count(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"] != IGNORE).sum())
 def _flatten(rows: list[dict]) -> dict:
     ids, labels, positions = [], [], []
     for r in rows:
@@ -281,3 +279,5 @@ def example_lengths(row: dict) -> list[int]:
     return [b - a for a, b in zip(starts, starts[1:])]
 
 
+def label_count(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"] != IGNORE).sum())

@@ -9,6 +9,7 @@ import torch
 from allora_ds.adapters import inject_adapters
 from allora_ds.config import Config, ModelConfig
 from allora_ds.errors import UserError
+from allora_ds.loss import install as install_chunked_loss
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Llama-3.1+ reserve this token for padding; older tokenizers fall back to eos (padding is masked anyway).
@@ -100,6 +101,8 @@ def load_model(cfg: Config, ds_config: dict, verbose: bool = True):
         kwargs["attn_implementation"] = mc.attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(_source(mc.path, "model.path"), **kwargs)
+    except ImportError as e:  # e.g. flash_attention_2 without the flash-attn package
+        raise UserError(f"model.attn_implementation: {mc.attn_implementation}: {str(e).splitlines()[0]}") from None
     except (OSError, ValueError) as e:
         raise UserError(f"model.path: cannot load weights from {mc.path!r}: {str(e).splitlines()[0]}") from None
     model.config.use_cache = False
@@ -111,9 +114,11 @@ def load_model(cfg: Config, ds_config: dict, verbose: bool = True):
             counts = inject_adapters(model, cfg.adapter.spec(), seed=cfg.train.seed, verbose=verbose)
     except ValueError as e:
         raise UserError(f"adapter.target_modules: {e}") from None
+    if cfg.train.chunked_loss:  # after the adapters: an adapter on lm_head keeps transformers' loss
+        reason = install_chunked_loss(model)
+        if reason and verbose:
+            print(f"[allora_ds] train.chunked_loss: keeping transformers' loss: {reason}", flush=True)
     return model, keepalive, counts
-    except ImportError as e:  # e.g. flash_attention_2 without the flash-attn package
-        raise UserError(f"model.attn_implementation: {mc.attn_implementation}: {str(e).splitlines()[0]}") from None
 
 
 def flat_batches(model) -> bool:
