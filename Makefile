@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO   ?= runs/demo
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast test-floors clean
 
 setup: $(VENV)/.installed
 
@@ -24,5 +24,23 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q tests/unit
 
+# The dependency floors of setup.py, proven: a second venv with exactly those versions (.ci/floors.py;
+# torch 2.13.0, the one CPU build at hand) runs the unit tests and a 2-rank ZeRO-3 run. It builds
+# DeepSpeed's CPU ops into a cache of its own: ops built against one venv are rebuilt for the other.
+FLOORS ?= .venv-floors
+test-floors: $(FLOORS)/.installed
+	TORCH_EXTENSIONS_DIR="$(HOME)/.cache/allora_ds/floors/torch_extensions" \
+	HF_DATASETS_CACHE="$(HOME)/.cache/allora_ds/floors/datasets" \
+	$(FLOORS)/bin/python -m pytest -q tests/unit tests/integration/test_train_e2e.py::test_loss_decreases \
+		tests/integration/test_train_e2e.py::test_metrics_are_well_formed
+
+$(FLOORS)/.installed: setup.py .ci/floors.py
+	$(PYTHON) -m venv $(FLOORS)
+	$(FLOORS)/bin/python -m pip install --quiet --upgrade pip
+	$(PYTHON) .ci/floors.py > $(FLOORS)/floors.txt
+	$(FLOORS)/bin/python -m pip install --quiet "torch==2.13.0" -c $(FLOORS)/floors.txt -e ".[dev]"
+	$(FLOORS)/bin/python .ci/floors.py --check
+	touch $@
+
 clean:
-	rm -rf $(VENV) runs *.egg-info
+	rm -rf $(VENV) $(FLOORS) runs *.egg-info

@@ -12,14 +12,21 @@ setup(
     packages=find_packages(include=["allora_ds", "allora_ds.*"]) + ["allora_ds.ds_configs"],
     package_dir={"allora_ds.ds_configs": "ds_configs"},
     package_data={"allora_ds": ["assets/*"], "allora_ds.ds_configs": ["*.json", "README.md"]},
+    # Floors are the oldest releases the code is shown to work with: `make test-floors` (run by CI)
+    # installs exactly these (.ci/floors.py) and runs the unit tests and a 2-rank ZeRO-3 run.
+    # torch: CI can only get 2.13.0 (CPU); 2.11 is the one on the project's GPU test machine, not CI.
+    # Below them: deepspeed 0.15 needs numactl to start CPU ranks and 0.14 does not import with
+    # torch 2.13; transformers 4.57 ignores rope_parameters and encodes chat turns of the demo's
+    # tokenizer differently; datasets 4.6 fails the data tests (an empty file is not reported as
+    # such). safetensors 0.4.3 is what transformers 5.0 needs.
     install_requires=[
-        "torch>=2.3",
+        "torch>=2.11",
         "deepspeed>=0.16",
-        "transformers>=4.46",
-        "datasets>=3.0",
+        "transformers>=5.0",
+        "datasets>=4.7",
         "sentencepiece>=0.2",
         "protobuf",
-        "safetensors>=0.4",
+        "safetensors>=0.4.3",
         "pyyaml",
         "tqdm",
     ],

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ASSETS, REPO, free_port, read_metrics, run, test_env
+from tests.conftest import ASSETS, BIN, REPO, free_port, read_metrics, run, test_env
 
 
 def _source_copy(dest: Path) -> Path:
@@ -31,7 +31,9 @@ def _source_copy(dest: Path) -> Path:
 
 
 def _outside_env(venv: Path, **extra) -> dict:
-    env = test_env(PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", **extra)
+    # The project venv's bin/ stays next on PATH for its ninja: DeepSpeed's op cache, built with
+    # that ninja, would be rebuilt by another one (their build logs differ).
+    env = test_env(PATH=os.pathsep.join([str(venv / "bin"), str(BIN), os.environ.get("PATH", "")]), **extra)
     env.pop("PYTHONPATH", None)
     env.pop("VIRTUAL_ENV", None)
     return env
