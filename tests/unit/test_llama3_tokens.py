@@ -9,7 +9,7 @@ import pytest
 from allora_ds.config import ModelConfig
 from allora_ds.data import IGNORE, collate, pack
 from allora_ds.errors import UserError
-from allora_ds.modeling import load_tokenizer, stop_token_ids
+from allora_ds.modeling import load_tokenizer
 from tests.llama3 import BOS_ID, EOS_ID, EOT_ID, PAD_ID
 from tests.unit.test_data import _encode
 
@@ -115,6 +115,8 @@ def test_packed_and_padded_batches(tmp_path, tok):
 
 
 def test_stop_tokens_are_what_each_format_learns_to_end_with(tok):
+    from allora_ds.modeling import stop_token_ids
+
     assert stop_token_ids(tok, "chat") == [EOT_ID]
     assert stop_token_ids(tok, "alpaca") == stop_token_ids(tok, "text") == [EOS_ID]
 
