@@ -1,6 +1,6 @@
 """Synthetic commonsense-style data in the LLM-Adapters layout, for the tiny model and the tests.
 
-    python -m allora_ds.commonsense_synth OUT_DIR [--train 2000 --test 60 --seed 0]
+    python -m allora_ds.commonsense_synth OUT_DIR [--train 2000 --test 60 --seed 0] [--finetune TINY_MODEL_DIR]
 
 writes ``OUT_DIR/commonsense_train.json`` (instruction, input, output, answer: the fields of
 commonsense_170k.json) and ``OUT_DIR/dataset/NAME/test.json`` for three sets whose answers follow
@@ -10,6 +10,10 @@ the question names ("where would you find a fruit?" -> "in an orchard"). Test qu
 like the training ones, so they repeat training prompts: the sets check an evaluation pipeline
 (prompt, decoding, extraction, scoring), not generalisation. A model that ignores the question
 scores at chance (50%, 50% and 25%); one that does not follow the answer format scores 0.
+
+``--finetune`` trains ALLoRA adapters on the training file in one process (a plain torch loop, like
+``allora_ds.tiny``'s pretraining) and writes the merged model to ``OUT_DIR/finetuned``: the tiny
+model for allora-eval's tests and its example in docs/eval.md, in a minute on a CPU.
 """
 
 from __future__ import annotations
@@ -66,15 +70,64 @@ def write_synthetic(out_dir: str | Path, n_train: int = 2000, n_test: int = 60, 
     return out
 
 
+def finetune_tiny(model_dir: str | Path, train_file: str | Path, out_dir: str | Path, steps: int = 260,
+                  batch: int = 8, lr: float = 1e-2, seed: int = 0) -> float:
+    """ALLoRA adapters on a tiny model, trained on an alpaca-format file with the trainer's own pieces
+    (``Formatter``, ``collate``, ``inject_adapters``), merged with ``merged_weight`` and saved in Hugging
+    Face format to ``out_dir``. Returns the last step's loss."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from allora_ds.adapters import LLAMA_TARGETS, AdapterSpec, adapter_modules, inject_adapters, merged_weight
+    from allora_ds.config import DataConfig
+    from allora_ds.data import Formatter, collate
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # The tiny base never saw "answer", "solution" or EOS as targets in pretraining; an adapter on its
+    # frozen LM head lets it learn to write them in a few hundred steps (a real 8B model needs none).
+    spec = AdapterSpec(method="allora", rank=8, eta=2.0, target_modules=LLAMA_TARGETS + ("lm_head",))
+    inject_adapters(model, spec, seed=seed, verbose=False)
+    fmt = Formatter(tok, DataConfig(train=str(train_file), format="alpaca"), str(train_file))
+    rows = json.loads(Path(train_file).read_text())
+    examples = [dict(zip(("input_ids", "labels"), fmt(r, i))) for i, r in enumerate(rows)]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    rng = random.Random(seed)
+    model.train()
+    for _ in range(steps):
+        loss = model(**collate(rng.sample(examples, batch), tok.pad_token_id)).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        for name, layer in adapter_modules(model).items():
+            base = layer.base_layer
+            base.weight.copy_(merged_weight(base.weight, layer.lora_A, layer.lora_B, layer.spec.scale))
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, base)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return loss.item()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir")
     p.add_argument("--train", type=int, default=2000, help="training examples (the three kinds in turn)")
     p.add_argument("--test", type=int, default=60, help="test examples per set")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--finetune", metavar="TINY_MODEL_DIR", help="then finetune this model into OUT_DIR/finetuned")
+    p.add_argument("--steps", type=int, default=260, help="finetuning steps (batch 8)")
     a = p.parse_args(argv)
     out = write_synthetic(a.out_dir, a.train, a.test, a.seed)
     print(f"wrote {out / 'commonsense_train.json'} and {', '.join(f'{out}/dataset/{s}/test.json' for s in SETS)}")
+    if a.finetune:
+        loss = finetune_tiny(a.finetune, out / "commonsense_train.json", out / "finetuned", steps=a.steps, seed=a.seed)
+        print(f"finetuned {a.finetune} for {a.steps} steps (last loss {loss:.4f}): {out / 'finetuned'}")
 
 
 if __name__ == "__main__":

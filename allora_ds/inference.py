@@ -34,7 +34,7 @@ class ModelSource:
     kind: str
     path: Path
     base: str | None = None
-    tokenizer: str | None = None  # where the tokenizer is, when not with the model or the base
+    tokenizer: str | None = None  # a PEFT adapter directory that carries its own tokenizer
 
     def describe(self) -> str:
         return str(self.path) if self.kind == "merged" else f"{self.path} ({self.kind}) on {self.base}"
@@ -65,9 +65,7 @@ def resolve_source(model: str, base: str | None = None) -> ModelSource:
     if (p / STATE_FILE).is_file():
         if not is_complete(p):
             raise UserError(f"--model: checkpoint {p} is incomplete (interrupted while saving?); use an earlier step")
-        model_cfg = read_trainer_state(p)["config"]["model"]
-        tok = model_cfg.get("tokenizer")  # the run's own tokenizer (model.tokenizer), when it is a directory
-        return ModelSource("checkpoint", p, base or model_cfg["path"], tok if tok and Path(tok).is_dir() else None)
+        return ModelSource("checkpoint", p, base or read_trainer_state(p)["config"]["model"]["path"])
     if (p / "config.json").is_file():
         if base:
             raise UserError(f"--base: {model} is a merged model, which needs no base (drop --base)")
@@ -84,12 +82,23 @@ def _base_dir(source: ModelSource) -> str:
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
-    """The tokenizer saved with the model (merged) or with the base; left padding for generation."""
+    """The tokenizer the model was trained with; left padding for generation.
+
+    Merged model: the one exported with it. Checkpoint: the run's ``model.tokenizer`` or the base's
+    (as allora-export picks). PEFT adapter: its own when it has one, else the base's.
+    """
     from transformers import AutoTokenizer
 
+    from allora_ds.checkpoint import read_trainer_state
+    from allora_ds.export import tokenizer_dir
     from allora_ds.modeling import LLAMA3_PAD
 
-    where = source.tokenizer or (source.path if source.kind == "merged" else _base_dir(source))
+    if source.kind == "merged":
+        where = source.path
+    elif source.kind == "checkpoint":
+        where = tokenizer_dir(read_trainer_state(source.path)["config"], Path(_base_dir(source)))
+    else:
+        where = source.tokenizer or _base_dir(source)
     try:
         tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

@@ -4,55 +4,12 @@ as 1; a training checkpoint, its merged export and its PEFT adapter give the sam
 a model that does not fit its base, or a wrong --model/--base, is one clear error line."""
 
 import json
-import random
 
 import pytest
-import torch
 
 from allora_ds.commonsense_eval import PREDICTIONS_FILE, RESULTS_FILE, main
-from allora_ds.commonsense_synth import CHANCE, SETS, write_synthetic
+from allora_ds.commonsense_synth import CHANCE, SETS, finetune_tiny, write_synthetic
 from tests.conftest import deepspeed_cmd, run
-
-
-def finetune_in_process(model_dir, train_file, out_dir, steps=260, batch=8, lr=1e-2, seed=0):
-    """ALLoRA adapters on the tiny model, trained on alpaca-formatted data with a plain torch loop
-    (the project's Formatter, collate and adapters), merged and saved as a Hugging Face model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from allora_ds.adapters import LLAMA_TARGETS, AdapterSpec, adapter_modules, inject_adapters, merged_weight
-    from allora_ds.config import DataConfig
-    from allora_ds.data import Formatter, collate
-
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    # The tiny base never saw "answer", "solution" or EOS as targets; an adapter on the frozen LM head
-    # lets it learn to write them within the test's budget (a real 8B model needs no such help).
-    inject_adapters(model, AdapterSpec(method="allora", rank=8, eta=2.0, target_modules=LLAMA_TARGETS + ("lm_head",)),
-                    seed=seed, verbose=False)
-    fmt = Formatter(tok, DataConfig(train=str(train_file), format="alpaca"), str(train_file))
-    rows = json.loads(train_file.read_text())
-    examples = [dict(zip(("input_ids", "labels"), fmt(r, i))) for i, r in enumerate(rows)]
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    rng = random.Random(seed)
-    model.train()
-    for _ in range(steps):
-        loss = model(**collate(rng.sample(examples, batch), tok.pad_token_id)).loss
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        for name, layer in adapter_modules(model).items():
-            base = layer.base_layer
-            base.weight.copy_(merged_weight(base.weight, layer.lora_A, layer.lora_B, layer.spec.scale))
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, base)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir, loss.item()
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +19,9 @@ def synth(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finetuned(tiny_model, synth, tmp_path_factory):
-    out, loss = finetune_in_process(tiny_model, synth / "commonsense_train.json", tmp_path_factory.mktemp("ft") / "merged")
+    """ALLoRA adapters trained in process on the synthetic mixture, merged (allora_ds.commonsense_synth)."""
+    out = tmp_path_factory.mktemp("ft") / "merged"
+    finetune_tiny(tiny_model, synth / "commonsense_train.json", out)
     return out
 
 
