@@ -17,6 +17,7 @@ launch every rank takes an interleaved shard and rank 0 gathers, scores and writ
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -283,7 +284,9 @@ def _distributed() -> tuple[int, int, int]:
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)  # all_gather_object on NCCL uses the current device
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # Ranks meet once, after generating; a generous timeout keeps NCCL's watchdog from aborting a rank
+    # that finished its shard early while a slower one is still generating.
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=6))
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
