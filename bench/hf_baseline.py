@@ -8,6 +8,11 @@ the allora_ds run it is compared with. Rank 0 writes ``--out``: the wall-clock t
 ends of optimizer steps ``--timed-from`` and ``--steps`` (each taken after a barrier, as the
 allora_ds trainer's metrics all-reduce is one) and the tokens of the steps in between; and at
 those two moments appends a line to ``--marks``, for the caller to read the CPU time.
+
+``--format alpaca``: alpaca records rendered as allora_ds renders them (the Stanford prompt, loss on
+the response and EOS), batched by ``--collator flat`` (transformers' ``DataCollatorWithFlattening``:
+a micro-batch becomes one row, positions restart per example, no padding) or ``pad`` (right-padded
+to the longest, attention mask); examples and tokens (before padding) of the window are counted.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import torch
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, help="jsonl with a 'text' field")
+    p.add_argument("--data", required=True, help="jsonl with a 'text' field (or alpaca fields with --format alpaca)")
+    p.add_argument("--format", choices=("text", "alpaca"), default="text")
+    p.add_argument("--collator", choices=("flat", "pad"), default="pad", help="alpaca: flattening or padding")
     p.add_argument("--deepspeed", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--marks", default=None, help="rank 0 appends a line here at both ends of the timing window")
@@ -72,7 +79,10 @@ def main() -> None:
     import torch.distributed as dist
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
     from transformers.data.data_collator import default_data_collator
+
+    from allora_ds.data import ALPACA_PROMPT
 
     # Created first: its HfTrainerDeepSpeedConfig makes from_pretrained build the model under
     # zero.Init (partitioned on creation), as the allora_ds trainer does.
@@ -86,14 +96,33 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(a.model)
 
     def encode(row):
-        # As allora_ds's `text` format: the tokenizer's ids (with BOS) + EOS, truncated; loss on every token.
-        ids = (tok(row["text"]).input_ids + [tok.eos_token_id])[: a.seq_len]
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
+        if a.format == "alpaca":
+            # As allora_ds's `alpaca` format: the prompt (with BOS) masked, the response + EOS labelled.
+            prompt = tok(ALPACA_PROMPT.format(instruction=row["instruction"])).input_ids
+            response = tok(row["output"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+            ids, labels = (prompt + response)[: a.seq_len], ([-100] * len(prompt) + response)[: a.seq_len]
+        else:
+            # As allora_ds's `text` format: the tokenizer's ids (with BOS) + EOS, truncated; loss on every token.
+            ids = (tok(row["text"]).input_ids + [tok.eos_token_id])[: a.seq_len]
+            labels = list(ids)
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
     with args.main_process_first():
         ds = datasets.load_dataset("json", data_files=a.data, split="train")
         ds = ds.map(encode, remove_columns=ds.column_names)
-    assert all(len(x) == a.seq_len for x in ds["input_ids"]), "benchmark rows must all be seq_len tokens"
+    if a.format == "text":
+        assert all(len(x) == a.seq_len for x in ds["input_ids"]), "benchmark rows must all be seq_len tokens"
+        collator = default_data_collator
+    elif a.collator == "flat":
+        collator = DataCollatorWithFlattening()
+    else:
+        collator = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
+    counts = []  # (examples, tokens before padding, tokens after) of every micro-batch, in order
+
+    def counting_collator(features):
+        batch = collator(features)
+        counts.append((len(features), sum(len(f["input_ids"]) for f in features), batch["input_ids"].numel()))
+        return batch
 
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     model.config.use_cache = False
@@ -111,16 +140,23 @@ def main() -> None:
                     with open(a.marks, "a") as f:
                         f.write(f"{state.global_step}\n")
 
-    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=default_data_collator,
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=counting_collator,
                       callbacks=[StepTimer()])
     trainer.train()
     world = dist.get_world_size()
+    # Micro-batch j belongs to optimizer step j // gas + 1 (the loader may have collated one more).
+    window = [c for j, c in enumerate(counts) if a.timed_from < j // a.gas + 1 <= a.steps]
+    assert len(window) == (a.steps - a.timed_from) * a.gas, (len(counts), len(window))
+    totals = torch.tensor([[sum(c[k] for c in window) for k in range(3)]], dtype=torch.float64)
+    dist.all_reduce(totals)
+    examples, tokens, padded = (int(x) for x in totals[0].tolist())
     if dist.get_rank() == 0:
-        tokens = (a.steps - a.timed_from) * a.micro * a.gas * world * a.seq_len
+        assert examples == (a.steps - a.timed_from) * a.micro * a.gas * world
         dt = marks[a.steps] - marks[a.timed_from]
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         Path(a.out).write_text(json.dumps({
             "tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt, "world": world, "final_loss": losses[-1],
+            "examples": examples, "padded_tokens": padded,
             "trainable": model.get_nb_trainable_parameters()[0],
             # every parameter, base and adapter, is a ZeRO-3 partitioned one (as in allora_ds)
             "zero3_partitioned": all(hasattr(p, "ds_id") for p in model.parameters()),

@@ -23,8 +23,9 @@ Predicted (fp32): hf ``3 x T x V x 4`` bytes (logits and log-softmax in forward;
 log-softmax output, its incoming and its outgoing gradient in backward) + ``T x H x 4`` (dloss/dh);
 chunked ``chunk x V x 4`` (one buffer: logits -> probabilities -> gradient) + ``T x H x 4``.
 
-Time: wall clock of forward + backward, median over repetitions in the same child (as many as fit
-in ``--budget-s`` after the first, at most ``--reps``), 1 thread. Both paths' losses and gradients
+Time: wall clock and CPU time (the child's, 1 thread: hardly changed by other load on a shared
+machine) of forward + backward, medians over repetitions in the same child (as many as fit in
+``--budget-s`` after the first, at most ``--reps``). Both paths' losses and gradients
 are compared in the parent (they must agree to fp32 rounding). Writes JSON (default
 bench/results/loss_path.json) and prints a table last.
 """
@@ -110,25 +111,27 @@ def child(cfg: dict) -> dict:
     del small
     reset_peak()  # imports and start-up peaked higher than what is resident now
     base = status_bytes("VmRSS")
-    times, loss = [], None
+    times, cpu, loss = [], [], None
     while True:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = run()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         if len(times) >= cfg["reps"] or sum(times[1:]) + times[-1] > cfg["budget_s"]:
             break
     peak = status_bytes("VmHWM")
     grad = h.grad.reshape(-1, cfg["hidden"])
     return {"peak_bytes": peak - base, "baseline_bytes": base, "times_s": times, "time_s": median(times),
+            "cpu_times_s": cpu, "cpu_s": median(cpu),
             "loss": loss.item(), "labelled": int(n_items), "chunk_rows": chunk,
             # a digest of dloss/dh to compare the two paths: its norm and a fixed projection
             "grad_norm": grad.norm().item(), "grad_proj": (grad.double() @ torch.linspace(-1, 1, cfg["hidden"],
                                                                                            dtype=torch.float64)).sum().item()}
 
 
-def predicted(path: str, tokens: int, hidden: int, vocab: int, chunk: int) -> int:
-    """fp32 bytes by the formulas in the module docstring."""
-    logits = tokens * vocab * 4 if path == "hf" else min(chunk, tokens) * vocab * 4
+def predicted(path: str, tokens: int, fraction: float, hidden: int, vocab: int, chunk: int) -> int:
+    """fp32 bytes by the formulas in the module docstring (a chunk never exceeds the labelled rows)."""
+    logits = tokens * vocab * 4 if path == "hf" else min(chunk, round(fraction * tokens)) * vocab * 4
     return (3 if path == "hf" else 1) * logits + tokens * hidden * 4
 
 
@@ -165,10 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
                     cfg = {"path": path, "tokens": tokens, "fraction": fraction, "hidden": spec["hidden"],
                            "vocab": spec["vocab"], "chunk_elements": spec["chunk_elements"], "threads": args.threads,
                            "reps": args.reps, "budget_s": args.budget_s, "result": str(Path(tmp) / "r.json")}
-                    need = predicted(path, tokens, spec["hidden"], spec["vocab"], chunk) \
+                    need = predicted(path, tokens, fraction, spec["hidden"], spec["vocab"], chunk) \
                         + 2 * tokens * spec["hidden"] * 4 + spec["vocab"] * spec["hidden"] * 4
                     rec = {"path": path, "tokens": tokens, "fraction": fraction,
-                           "predicted_bytes": predicted(path, tokens, spec["hidden"], spec["vocab"], chunk),
+                           "predicted_bytes": predicted(path, tokens, fraction, spec["hidden"], spec["vocab"], chunk),
                            "loadavg_1m": os.getloadavg()[0]}
                     if need > 0.9 * available_bytes():
                         rec["skipped"] = f"needs ~{need / 2**30:.1f} GiB, {available_bytes() / 2**30:.1f} GiB available"
@@ -204,6 +207,7 @@ def compare(results: list[dict]) -> list[dict]:
         row = {"tokens": tokens, "fraction": fraction}
         if hf and ours and "skipped" not in hf and "skipped" not in ours:
             row.update(memory_ratio=hf["peak_bytes"] / ours["peak_bytes"], time_ratio=hf["time_s"] / ours["time_s"],
+                       cpu_time_ratio=hf["cpu_s"] / ours["cpu_s"],
                        loss_rel_diff=abs(hf["loss"] - ours["loss"]) / abs(hf["loss"]),
                        grad_norm_rel_diff=abs(hf["grad_norm"] - ours["grad_norm"]) / hf["grad_norm"],
                        grad_proj_rel_diff=abs(hf["grad_proj"] - ours["grad_proj"]) / abs(hf["grad_proj"]))
@@ -225,9 +229,10 @@ def report(res: dict, out: Path) -> None:
         rows.append([f"{c['tokens']} tokens, {c['fraction']:.0%} labelled",
                      mib(hf, "peak_bytes") if hf and "skipped" not in hf else "skipped", mib(ours, "peak_bytes"),
                      c.get("memory_ratio", "-"), hf.get("time_s", "-") if hf else "-", ours.get("time_s", "-"),
-                     c.get("time_ratio", "-"), c.get("loss_rel_diff", "-")])
+                     c.get("time_ratio", "-"), c.get("cpu_time_ratio", "-"), c.get("loss_rel_diff", "-")])
     print(table(["configuration", "hf MiB", "chunked MiB", "mem hf/ours", "hf s", "chunked s", "time hf/ours",
-                 "loss rel diff"], rows, {1: ".0f", 2: ".0f", 3: ".1f", 4: ".2f", 5: ".2f", 6: ".2f", 7: ".1e"}))
+                 "CPU time hf/ours", "loss rel diff"], rows,
+                {1: ".0f", 2: ".0f", 3: ".1f", 4: ".2f", 5: ".2f", 6: ".2f", 7: ".2f", 8: ".1e"}))
 
 
 if __name__ == "__main__":

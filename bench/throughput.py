@@ -28,6 +28,23 @@ gathers) are warmup.
 Reported: median tokens/s per system and medians of per-repetition (paired) ratios. Goals from the
 issue: allora_ds / HF >= 1.2; allora step time / lora step time <= 1.03. Writes JSON (default
 bench/results/throughput.json) and prints a table last.
+
+``--alpaca``: instruction data with Llama-3's real vocabulary instead (hidden 512, 8 layers,
+vocabulary 128,256, so the LM head is most of the model), alpaca rows with a prompt of 60-250
+tokens and a response of 20-300, each trainer in its best padding-free setting, examples/s:
+  * ``allora``:     allora_ds (allora), ``data.packing`` (whole examples packed into rows of
+    ``pack_len`` tokens, restarted positions, no padding), the chunked loss (allora_ds.loss);
+  * ``allora_full_logits``: the same with ``train.chunked_loss=false`` (transformers' loss), to
+    show what the loss path is worth;
+  * ``hf_flat``:    Trainer + PEFT LoRA with ``DataCollatorWithFlattening`` (each micro-batch of
+    ``hf_micro`` examples concatenated into one row, restarted positions, no padding);
+  * ``hf_pad``:     Trainer + PEFT LoRA, the same micro-batches right-padded (plain padding).
+One DeepSpeed JSON for all (ds_configs/zero3_cpu.json resolved once) except its three batch-size
+fields, left "auto": a micro-batch is one packed row for allora_ds and ``hf_micro`` examples for
+the Trainer, each filling them from its own arguments. Examples in the timing window are counted
+exactly (allora_ds: from its data order, which is a pure function of seed and step; HF: micro x
+ranks per step). Goal from the issue: allora_ds / HF flattening >= 1.3 in examples/s. Writes
+bench/results/throughput_alpaca.json.
 """
 
 from __future__ import annotations
@@ -35,6 +52,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -76,15 +94,30 @@ class Setting:
     alpha: float = 32.0
     lr: float = 1e-4
     world: int = 2
+    # alpaca workload: allora_ds packs examples into rows of pack_len tokens (micro rows per
+    # micro-batch); the Trainer takes hf_micro examples per micro-batch
+    workload: str = "text"
+    pack_len: int = 0
+    hf_micro: int = 0
 
     def model_key(self) -> str:
-        keys = ("hidden", "layers", "heads", "kv_heads", "vocab", "seq_len", "rows")
+        keys = ("hidden", "layers", "heads", "kv_heads", "vocab", "seq_len", "rows", "workload")
         return hashlib.sha1(json.dumps({k: getattr(self, k) for k in keys}).encode()).hexdigest()[:10]
 
 
 FULL = Setting()
 QUICK = Setting(hidden=64, layers=2, heads=4, kv_heads=2, vocab=512, seq_len=64, rows=32, micro=2, gas=1,
                 steps=4, timed_from=2, reps=1)
+# seq_len: the longest example (250 + 300 tokens); an allora_ds row packs about as many tokens as
+# the Trainer's micro-batch of 4 examples (4 x ~315 on average)
+ALPACA = Setting(vocab=128256, seq_len=550, rows=512, micro=1, gas=1, steps=8, timed_from=2, reps=3,
+                 workload="alpaca", pack_len=1280, hf_micro=4)
+ALPACA_QUICK = Setting(hidden=64, layers=2, heads=4, kv_heads=2, vocab=2048, seq_len=550, rows=48, micro=1, gas=1,
+                       steps=4, timed_from=2, reps=1, workload="alpaca", pack_len=1280, hf_micro=4)
+ALPACA_SYSTEMS = ("allora", "allora_full_logits", "hf_flat", "hf_pad")
+GOAL_ALPACA_OVER_HF = 1.3
+ALPACA_OUT = RESULTS / "throughput_alpaca.json"
+PROMPT_TOKENS, RESPONSE_TOKENS = (60, 250), (20, 300)
 
 
 def build_assets(s: Setting, cache: Path) -> tuple[Path, Path]:
@@ -105,24 +138,71 @@ def build_assets(s: Setting, cache: Path) -> tuple[Path, Path]:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(tmp / "model")
-    # Each row: consecutive corpus lines until it tokenizes to more than seq_len tokens, so that
-    # truncation makes every row exactly seq_len long on both sides (no padding anywhere).
     lines = (ASSETS / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    rows = alpaca_rows(s, tok, lines) if s.workload == "alpaca" else text_rows(s, tok, lines)
+    (tmp / "train.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n", encoding="utf-8")
+    n = sum(p.numel() for p in model.parameters())
+    info = {"parameters": n, "setting": asdict(s)}
+    if s.workload == "alpaca":
+        info["data"] = alpaca_stats(rows, tok)
+    (tmp / "info.json").write_text(json.dumps(info))
+    if d.exists():
+        shutil.rmtree(d)
+    tmp.rename(d)
+    print(f"built {n / 1e6:.1f}M-parameter model and {s.rows} rows of {s.seq_len} tokens in {d}", flush=True)
+    return model_dir, data
+
+
+def text_rows(s: Setting, tok, lines: list[str]) -> list[dict]:
+    """Each row: consecutive corpus lines until it tokenizes to more than seq_len tokens, so that
+    truncation makes every row exactly seq_len long on both sides (no padding anywhere)."""
     rows, i = [], 0
     for _ in range(s.rows):
         text = []
         while len(tok(" ".join(text)).input_ids) <= s.seq_len:
             text.append(lines[i % len(lines)])
             i += 1
-        rows.append(json.dumps({"text": " ".join(text)}))
-    (tmp / "train.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    n = sum(p.numel() for p in model.parameters())
-    (tmp / "info.json").write_text(json.dumps({"parameters": n, "setting": asdict(s)}))
-    if d.exists():
-        shutil.rmtree(d)
-    tmp.rename(d)
-    print(f"built {n / 1e6:.1f}M-parameter model and {s.rows} rows of {s.seq_len} tokens in {d}", flush=True)
-    return model_dir, data
+        rows.append({"text": " ".join(text)})
+    return rows
+
+
+def alpaca_rows(s: Setting, tok, lines: list[str]) -> list[dict]:
+    """Alpaca records whose rendered prompt (template + instruction) has 60-250 tokens and whose
+    response (+ EOS) has 20-300, uniformly drawn (seeded); text from the corpus, word by word."""
+    import random
+
+    from allora_ds.data import ALPACA_PROMPT
+
+    rng = random.Random(0)
+    words = " ".join(lines).split()
+    pos = 0
+
+    def grow(n_tokens: int, count) -> str:
+        nonlocal pos
+        text: list[str] = []
+        while count(" ".join(text)) < n_tokens:
+            text.append(words[pos % len(words)])
+            pos += 1
+        return " ".join(text)
+
+    rows = []
+    for _ in range(s.rows):
+        p, r = rng.randint(*PROMPT_TOKENS), rng.randint(*RESPONSE_TOKENS)
+        instruction = grow(p, lambda t: len(tok(ALPACA_PROMPT.format(instruction=t)).input_ids))
+        output = grow(r - 1, lambda t: len(tok(t, add_special_tokens=False).input_ids))  # + EOS
+        rows.append({"instruction": instruction, "input": "", "output": output})
+    return rows
+
+
+def alpaca_stats(rows: list[dict], tok) -> dict:
+    """Token counts as both trainers see them (prompt with BOS; response with EOS)."""
+    from allora_ds.data import ALPACA_PROMPT
+
+    p = [len(tok(ALPACA_PROMPT.format(instruction=r["instruction"])).input_ids) for r in rows]
+    r = [len(tok(x["output"], add_special_tokens=False).input_ids) + 1 for x in rows]
+    return {"examples": len(rows), "prompt_tokens_min": min(p), "prompt_tokens_max": max(p),
+            "prompt_tokens_mean": sum(p) / len(p), "response_tokens_min": min(r), "response_tokens_max": max(r),
+            "response_tokens_mean": sum(r) / len(r), "labelled_fraction": sum(r) / (sum(p) + sum(r))}
 
 
 def bench_ds_config(s: Setting, model_dir: Path, data: Path, out: Path) -> dict:
@@ -135,29 +215,37 @@ def bench_ds_config(s: Setting, model_dir: Path, data: Path, out: Path) -> dict:
     src = REPO / "ds_configs" / "zero3_cpu.json"
     cfg = load_config(None, base=allora_config(s, "allora", model_dir, data, out.parent, src))
     ds = fill_ds_config(read_ds_config(src), cfg, s.world, s.hidden, src)
+    if s.workload == "alpaca":  # a micro-batch is a packed row for one trainer, examples for the other
+        ds.update({k: "auto" for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                       "train_batch_size")})
     out.write_text(json.dumps(ds, indent=2))
     return ds
 
 
-def allora_config(s: Setting, method: str, model_dir: Path, data: Path, run_dir: Path, ds_path: Path) -> dict:
+def allora_config(s: Setting, method: str, model_dir: Path, data: Path, run_dir: Path, ds_path: Path,
+                  chunked_loss: bool = True) -> dict:
+    data_section = {"train": str(data), "format": "text", "max_seq_len": s.seq_len, "packing": False}
+    if s.workload == "alpaca":
+        data_section = {"train": str(data), "format": "alpaca", "max_seq_len": s.pack_len, "packing": True}
     return {
         "model": {"path": str(model_dir), "dtype": "float32", "gradient_checkpointing": False},
         "adapter": {"method": method, "rank": s.rank, "eta": 2.0, "alpha": s.alpha, "dropout": 0.0,
                     "target_modules": list(TARGETS)},
-        "data": {"train": str(data), "format": "text", "max_seq_len": s.seq_len, "packing": False},
+        "data": data_section,
         "train": {"output_dir": str(run_dir), "deepspeed": str(ds_path), "micro_batch_size": s.micro,
                   "gradient_accumulation_steps": s.gas, "lr": s.lr, "max_steps": s.steps, "warmup_steps": 0,
                   "scheduler": "cosine", "weight_decay": 0.0, "max_grad_norm": 1.0, "log_steps": s.timed_from,
-                  "save_steps": 0, "resume": "never", "seed": 42},
+                  "save_steps": 0, "resume": "never", "seed": 42, "chunked_loss": chunked_loss},
     }
 
 
-def run_allora(s: Setting, method: str, model_dir: Path, data: Path, ds_path: Path, work: Path, env: dict) -> dict:
+def run_allora(s: Setting, method: str, model_dir: Path, data: Path, ds_path: Path, work: Path, env: dict,
+               chunked_loss: bool = True, window: dict | None = None) -> dict:
     import yaml
 
     run_dir = work / "run"
     cfg_path = work / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(allora_config(s, method, model_dir, data, run_dir, ds_path)))
+    cfg_path.write_text(yaml.safe_dump(allora_config(s, method, model_dir, data, run_dir, ds_path, chunked_loss)))
     metrics = run_dir / "metrics.jsonl"
     t0 = time.perf_counter()
     cpu = run_job(deepspeed_cmd(s.world, "--module", "allora_ds.train", cfg_path), work / "log.txt", env,
@@ -165,30 +253,66 @@ def run_allora(s: Setting, method: str, model_dir: Path, data: Path, ds_path: Pa
     wall = time.perf_counter() - t0
     recs = [json.loads(ln) for ln in metrics.read_text().splitlines()]
     # log_steps = timed_from and (steps - timed_from) a multiple of it: the records after the first
-    # tile the window; each record's tokens_per_s covers the steps since the previous one.
+    # tile the window; each record covers the steps since the previous one.
     assert [r["step"] for r in recs] == list(range(s.timed_from, s.steps + 1, s.timed_from)), recs
-    tokens_per_record = s.timed_from * s.micro * s.gas * s.world * s.seq_len
-    seconds = sum(tokens_per_record / r["tokens_per_s"] for r in recs[1:])
-    tokens = tokens_per_record * (len(recs) - 1)
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "cpu_s": cpu[-1] - cpu[0],
-            "wall_s": wall, "final_loss": recs[-1]["loss"]}
+    seconds = sum(r["train_seconds"] for r in recs[1:])
+    tokens = round(sum(r["tokens_per_s"] * r["train_seconds"] for r in recs[1:]))
+    out = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "cpu_s": cpu[-1] - cpu[0],
+           "wall_s": wall, "final_loss": recs[-1]["loss"]}
+    if window is not None:  # alpaca: the examples of the window, from the data order
+        assert tokens == window["tokens"], f"metrics count {tokens} tokens, the data order {window['tokens']}"
+        out.update(examples=window["examples"], examples_per_s=window["examples"] / seconds)
+    return out
 
 
-def run_hf(s: Setting, model_dir: Path, data: Path, ds_path: Path, work: Path, env: dict) -> dict:
+def allora_window(s: Setting, model_dir: Path, data: Path, ds_path: Path, work: Path) -> dict:
+    """Examples and tokens of optimizer steps timed_from+1 .. steps in an allora_ds run: its data order
+    is a pure function of (seed, step), so it is recomputed here with the trainer's own functions."""
+    from allora_ds.config import load_config
+    from allora_ds.data import epoch_order, example_lengths, micro_rounds, rank_micro_batch
+    from allora_ds.modeling import load_tokenizer
+    from allora_ds.train import prepare_data
+
+    cfg = load_config(None, base=allora_config(s, "allora", model_dir, data, work / "window", ds_path))
+    rows = prepare_data(cfg, load_tokenizer(cfg.model), rank=1)[0]  # rank != 0: no report printed
+    t = cfg.train
+    rounds = micro_rounds(len(rows), t.micro_batch_size, s.world)
+    rounds -= rounds % t.gradient_accumulation_steps
+    examples = tokens = 0
+    for step in range(s.timed_from, s.steps):  # 0-based: the steps after the first timed_from
+        epoch, first = divmod(step * t.gradient_accumulation_steps, rounds)
+        order = epoch_order(len(rows), t.seed, epoch)
+        for k in range(t.gradient_accumulation_steps):
+            for rank in range(s.world):
+                for i in rank_micro_batch(order, first + k, t.micro_batch_size, s.world, rank):
+                    examples += len(example_lengths(rows[i]))
+                    tokens += len(rows[i]["input_ids"])
+    return {"examples": examples, "tokens": tokens, "packed_rows": len(rows)}
+
+
+def run_hf(s: Setting, model_dir: Path, data: Path, ds_path: Path, work: Path, env: dict, collator: str = "") -> dict:
     out, marks = work / "timing.json", work / "marks.txt"
+    alpaca = s.workload == "alpaca"
     cmd = deepspeed_cmd(
         s.world, REPO / "bench" / "hf_baseline.py", "--model", model_dir, "--data", data, "--deepspeed", ds_path,
-        "--out", out, "--marks", marks, "--output-dir", work / "trainer", "--micro", s.micro, "--gas", s.gas,
-        "--steps", s.steps, "--timed-from", s.timed_from, "--log-steps", s.timed_from, "--seq-len", s.seq_len, "--lr", s.lr,
-        "--rank", s.rank, "--alpha", s.alpha, "--targets", ",".join(TARGETS),
+        "--out", out, "--marks", marks, "--output-dir", work / "trainer", "--micro", s.hf_micro if alpaca else s.micro,
+        "--gas", s.gas, "--steps", s.steps, "--timed-from", s.timed_from, "--log-steps", s.timed_from,
+        "--seq-len", s.seq_len, "--lr", s.lr, "--rank", s.rank, "--alpha", s.alpha, "--targets", ",".join(TARGETS),
+        *(["--format", "alpaca", "--collator", collator] if alpaca else []),
     )
     t0 = time.perf_counter()
     cpu = run_job(cmd, work / "log.txt", env, timeout=3600, marks=marks)
     wall = time.perf_counter() - t0
     r = json.loads(out.read_text())
-    assert r["tokens"] == (s.steps - s.timed_from) * s.micro * s.gas * s.world * s.seq_len and len(cpu) == 2
-    return {"tokens": r["tokens"], "seconds": r["seconds"], "tokens_per_s": r["tokens_per_s"], "cpu_s": cpu[1] - cpu[0],
-            "wall_s": wall, "final_loss": r["final_loss"], "zero3_partitioned": r["zero3_partitioned"]}
+    assert len(cpu) == 2
+    if not alpaca:
+        assert r["tokens"] == (s.steps - s.timed_from) * s.micro * s.gas * s.world * s.seq_len
+    res = {"tokens": r["tokens"], "seconds": r["seconds"], "tokens_per_s": r["tokens_per_s"], "cpu_s": cpu[1] - cpu[0],
+           "wall_s": wall, "final_loss": r["final_loss"], "zero3_partitioned": r["zero3_partitioned"]}
+    if alpaca:
+        res.update(examples=r["examples"], examples_per_s=r["examples"] / r["seconds"],
+                   padded_tokens=r["padded_tokens"])
+    return res
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -202,6 +326,22 @@ def summarise(runs: list[dict]) -> dict:
             # step time of allora over that of lora: the adapter method's own cost
             "allora_time_over_lora": paired_ratio(v["lora"], v["allora"]),
         }
+    return out
+
+
+ALPACA_RATIOS = {"allora_over_hf_flat": ("allora", "hf_flat"), "allora_over_hf_pad": ("allora", "hf_pad"),
+                 "allora_full_logits_over_hf_flat": ("allora_full_logits", "hf_flat"),
+                 "allora_over_allora_full_logits": ("allora", "allora_full_logits"),
+                 "hf_flat_over_hf_pad": ("hf_flat", "hf_pad")}
+
+
+def summarise_alpaca(runs: list[dict]) -> dict:
+    """Medians and paired ratios of the systems that ran."""
+    out = {}
+    for metric in ("examples_per_s", "cpu_examples_per_s", "tokens_per_s"):
+        v = {k: [r[metric] for r in runs if r["system"] == k] for k in ALPACA_SYSTEMS}
+        out[metric] = {"median": {k: median(x) for k, x in v.items() if x},
+                       **{name: paired_ratio(v[a], v[b]) for name, (a, b) in ALPACA_RATIOS.items() if v[a] and v[b]}}
     return out
 
 
@@ -283,11 +423,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reps", type=int, default=None, help=f"repetitions (default {FULL.reps}; {QUICK.reps} with --quick)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
     ap.add_argument("--timed-from", type=int, default=None, help="warmup steps; must divide steps - timed_from")
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help="subset to run, e.g. allora,hf")
+    ap.add_argument("--systems", default=None, help=f"subset to run, e.g. allora,hf (of {', '.join(SYSTEMS)}; "
+                    f"with --alpaca of {', '.join(ALPACA_SYSTEMS)})")
+    ap.add_argument("--alpaca", action="store_true", help="instead: alpaca rows, Llama-3 vocabulary, examples/s, "
+                    "each trainer padding-free (see the module docstring)")
     ap.add_argument("--cache-dir", type=Path, default=CACHE)
     ap.add_argument("--keep-runs", type=Path, default=None, help="keep run directories (logs, metrics) here")
     ap.add_argument("--out", type=Path, default=None, help=f"JSON (default {DEFAULT_OUT.relative_to(REPO)}, "
-                    f"{BREAKDOWN_OUT.relative_to(REPO)} with --breakdown)")
+                    f"{BREAKDOWN_OUT.relative_to(REPO)} with --breakdown, {ALPACA_OUT.relative_to(REPO)} with --alpaca)")
     ap.add_argument("--breakdown", action="store_true",
                     help="instead: CPU time of one rank's step, plain autograd vs DeepSpeed stage 0 vs ZeRO-3")
     ap.add_argument("--breakdown-worker", choices=("stage0", "zero3"), help=argparse.SUPPRESS)
@@ -302,12 +445,16 @@ def main(argv: list[str] | None = None) -> dict:
         model_dir, data = build_assets(s, args.cache_dir)
         return breakdown(s, args.quick, model_dir, data, args.reps or (1 if args.quick else 6),
                          args.out or BREAKDOWN_OUT)
-    args.out = args.out or DEFAULT_OUT
+    all_systems = ALPACA_SYSTEMS if args.alpaca else SYSTEMS
+    if args.alpaca:
+        s = ALPACA_QUICK if args.quick else ALPACA
+    args.out = args.out or (ALPACA_OUT if args.alpaca else DEFAULT_OUT)
     s = replace(s, **{k: v for k, v in (("reps", args.reps), ("steps", args.steps), ("timed_from", args.timed_from))
                       if v is not None})
     if (s.steps - s.timed_from) % s.timed_from or s.steps <= s.timed_from:
         ap.error("steps - timed_from must be a positive multiple of timed_from")
-    systems = tuple(x for x in SYSTEMS if x in args.systems.split(","))
+    wanted = args.systems.split(",") if args.systems else all_systems
+    systems = tuple(x for x in all_systems if x in wanted)
 
     t_start = time.perf_counter()
     info = {"machine": machine()}
@@ -319,6 +466,7 @@ def main(argv: list[str] | None = None) -> dict:
         root.mkdir(parents=True, exist_ok=True)
         ds_path = root / "ds_config.json"
         ds = bench_ds_config(s, model_dir, data, ds_path)
+        window = allora_window(s, model_dir, data, ds_path, root) if args.alpaca else None
         for rep in range(s.reps):
             order = systems[rep % len(systems):] + systems[: rep % len(systems)]
             for system in order:
@@ -326,22 +474,34 @@ def main(argv: list[str] | None = None) -> dict:
                 work.mkdir(parents=True, exist_ok=True)
                 if system == "hf":
                     r = run_hf(s, model_dir, data, ds_path, work, env)
+                elif system in ("hf_flat", "hf_pad"):
+                    r = run_hf(s, model_dir, data, ds_path, work, env, collator=system[3:])
                 else:
-                    r = run_allora(s, system, model_dir, data, ds_path, work, env)
-                # tokens per second of CPU time per rank: what one dedicated core per rank would give
+                    method = "lora" if system == "lora" else "allora"
+                    r = run_allora(s, method, model_dir, data, ds_path, work, env,
+                                   chunked_loss=system != "allora_full_logits", window=window)
+                # per second of CPU time per rank: what one dedicated core per rank would give
                 r["cpu_tokens_per_s"] = r["tokens"] / (r["cpu_s"] / s.world)
+                if "examples" in r:
+                    r["cpu_examples_per_s"] = r["examples"] / (r["cpu_s"] / s.world)
                 runs.append({"rep": rep, "system": system, **r})
-                print(f"rep {rep} {system:>6}: {r['tokens_per_s']:7.1f} tokens/s, {r['cpu_tokens_per_s']:7.1f} per CPU-s "
-                      f"per rank (window {r['seconds']:.1f} s, launch to exit {r['wall_s']:.0f} s, "
-                      f"loss {r['final_loss']:.3f})", flush=True)
+                extra = f"{r['examples_per_s']:6.2f} examples/s, " if "examples" in r else ""
+                print(f"rep {rep} {system:>6}: {extra}{r['tokens_per_s']:7.1f} tokens/s, {r['cpu_tokens_per_s']:7.1f} "
+                      f"per CPU-s per rank (window {r['seconds']:.1f} s, launch to exit {r['wall_s']:.0f} s, "
+                      f"loss {r['final_loss']:.3f}, load {os.getloadavg()[0]:.1f})", flush=True)
     n_params = json.loads((model_dir.parent / "info.json").read_text())["parameters"]
     result = {**info, "setting": asdict(s), "parameters": n_params, "deepspeed_config": ds, "runs": runs,
               "loadavg_1m_end": machine()["loadavg_1m"], "wall_s": time.perf_counter() - t_start}
-    if set(systems) == set(SYSTEMS):
+    if args.alpaca:
+        result["data"] = {**json.loads((model_dir.parent / "info.json").read_text()).get("data", {}), "window": window}
+    if args.alpaca:
+        result["summary"] = summarise_alpaca(runs)
+        result["goals"] = {"allora_over_hf_flat_min": GOAL_ALPACA_OVER_HF}
+    elif set(systems) == set(all_systems):
         result["summary"] = summarise(runs)
         result["goals"] = {"allora_over_hf_min": GOAL_OVER_HF, "allora_time_over_lora_max": GOAL_ALLORA_OVER_LORA}
     write_json(args.out, result)
-    print_report(result, args.out)
+    (print_alpaca_report if args.alpaca else print_report)(result, args.out)
     return result
 
 
@@ -370,6 +530,36 @@ def print_report(res: dict, out: Path) -> None:
             ["allora / lora (step time)", w["allora_time_over_lora"], c["allora_time_over_lora"],
              f"<= {GOAL_ALLORA_OVER_LORA}"],
         ], {1: ".3f", 2: ".3f"}))
+
+
+def print_alpaca_report(res: dict, out: Path) -> None:
+    s, m, d = res["setting"], res["machine"], res.get("data", {})
+    print(f"\n{m['cpu']} ({m['logical_cpus']} logical CPUs, load {m['loadavg_1m']:.1f} at start, "
+          f"{res['loadavg_1m_end']:.1f} at end), torch {m['torch']}, deepspeed {m['deepspeed']}, transformers "
+          f"{m['transformers']}, peft {m.get('peft')}; wrote {out}")
+    print(f"{res['parameters'] / 1e6:.1f}M-parameter Llama-3-architecture model (hidden {s['hidden']}, {s['layers']} layers, "
+          f"vocabulary {s['vocab']}), fp32, ZeRO-3, {s['world']} CPU ranks x 1 thread; alpaca rows "
+          f"(prompt {d.get('prompt_tokens_mean', 0):.0f}, response {d.get('response_tokens_mean', 0):.0f} tokens on "
+          f"average); micro-batch: allora_ds 1 packed row of <= {s['pack_len']} tokens, HF {s['hf_micro']} examples; "
+          f"steps {s['timed_from'] + 1}-{s['steps']} timed, {s['reps']} repetition(s)")
+    labels = {"allora": "allora_ds (packing, chunked loss)", "allora_full_logits": "allora_ds (packing, full-logits loss)",
+              "hf_flat": "HF Trainer + PEFT, DataCollatorWithFlattening", "hf_pad": "HF Trainer + PEFT, padding"}
+    rows = []
+    for system in ALPACA_SYSTEMS:
+        mine = [r for r in res["runs"] if r["system"] == system]
+        if mine:
+            ex = [r["examples_per_s"] for r in mine]
+            rows.append([labels[system], median(ex), f"{min(ex):.2f}-{max(ex):.2f}", median([r["tokens_per_s"] for r in mine]),
+                         median([r["cpu_examples_per_s"] for r in mine])])
+    print(table(["system", "examples/s", "range", "tokens/s", "examples/CPU-s/rank"], rows, {1: ".3f", 3: ".1f", 4: ".3f"}))
+    w, c = res["summary"]["examples_per_s"], res["summary"]["cpu_examples_per_s"]
+    names = {"allora_over_hf_flat": "allora_ds / HF flattening", "allora_over_hf_pad": "allora_ds / HF padding",
+             "allora_full_logits_over_hf_flat": "allora_ds full-logits loss / HF flattening",
+             "allora_over_allora_full_logits": "allora_ds chunked / full-logits loss",
+             "hf_flat_over_hf_pad": "HF flattening / HF padding"}
+    print(table(["paired ratio of examples/s (median over repetitions)", "wall clock", "CPU time", "goal"],
+                [[names[k], w[k], c[k], f">= {GOAL_ALPACA_OVER_HF}" if k == "allora_over_hf_flat" else "-"]
+                 for k in names if k in w], {1: ".3f", 2: ".3f"}))
 
 
 if __name__ == "__main__":

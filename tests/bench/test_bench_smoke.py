@@ -85,3 +85,56 @@ def test_gpu_bench_code_path_runs_on_cpu(gpu_tiny):
         assert r["mfu"] is None  # no GPU: no peak to divide by
     assert _positive(res["allora_time_over_lora"])
     assert stdout.rstrip().splitlines()[-1].startswith("allora / lora step time")
+
+
+@pytest.fixture(scope="module")
+def throughput_alpaca(tmp_path_factory):
+    """The --alpaca path on a tiny model: allora_ds (packing, chunked loss) and HF with flattening.
+    (allora_full_logits is allora_ds with train.chunked_loss=false; hf_pad swaps the collator.)"""
+    tmp = tmp_path_factory.mktemp("throughput_alpaca")
+    out = tmp / "alpaca_quick.json"
+    proc = run([sys.executable, REPO / "bench" / "throughput.py", "--alpaca", "--quick", "--systems", "allora,hf_flat",
+                "--out", out, "--cache-dir", tmp / "cache"], timeout=1200)
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_throughput_alpaca_counts_examples_of_both_trainers(throughput_alpaca):
+    res, stdout = throughput_alpaca
+    s, d = res["setting"], res["data"]
+    assert s["vocab"] > 1000 and s["workload"] == "alpaca"
+    assert 60 <= d["prompt_tokens_min"] and d["prompt_tokens_max"] <= 250 + 2  # word granularity
+    assert 20 <= d["response_tokens_min"] and d["response_tokens_max"] <= 300 + 2
+    runs = {r["system"]: r for r in res["runs"]}
+    assert sorted(runs) == ["allora", "hf_flat"]
+    # allora_ds: the examples its data order puts in the window, whose tokens match its own metrics
+    assert runs["allora"]["examples"] == d["window"]["examples"] > 0
+    assert runs["allora"]["tokens"] == d["window"]["tokens"]
+    timed = s["steps"] - s["timed_from"]
+    assert runs["hf_flat"]["examples"] == timed * s["hf_micro"] * s["gas"] * s["world"]
+    assert runs["hf_flat"]["padded_tokens"] == runs["hf_flat"]["tokens"], "flattening must not pad"
+    for r in runs.values():
+        assert _positive(r["examples_per_s"]) and _positive(r["cpu_examples_per_s"]) and math.isfinite(r["final_loss"])
+    assert _positive(res["summary"]["examples_per_s"]["allora_over_hf_flat"])
+    assert "allora_ds / HF flattening" in stdout.splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def loss_path(tmp_path_factory):
+    out = tmp_path_factory.mktemp("loss_path") / "loss_path_quick.json"
+    proc = run([sys.executable, REPO / "bench" / "loss_path.py", "--quick", "--reps", "1", "--out", out], timeout=600)
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_loss_path_measures_both_paths_and_they_agree(loss_path):
+    res, stdout = loss_path
+    assert {(r["path"], r["fraction"]) for r in res["results"]} == {
+        (p, f) for p in ("hf", "chunked") for f in (1.0, 0.2)}
+    for r in res["results"]:
+        assert _positive(r["peak_bytes"]) and _positive(r["time_s"]), r
+    for c in res["comparisons"]:
+        assert c["loss_rel_diff"] < 1e-5 and c["grad_norm_rel_diff"] < 1e-5 and c["grad_proj_rel_diff"] < 1e-4, c
+        # memory, not time: the resident-set peak follows the formulas (one chunk vs three full logits)
+        assert c["memory_ratio"] > 8, c
+    for r in res["results"]:
+        assert r["peak_bytes"] < 1.5 * r["predicted_bytes"] + 8 * 2**20, r
+    assert "loss rel diff" in stdout.splitlines()[-4]

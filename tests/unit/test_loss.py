@@ -243,3 +243,26 @@ def test_other_architectures_keep_transformers_loss():
     assert reason and "GraniteForCausalLM" in reason and not L.installed(model)
     plain = nn.Linear(2, 2)
     assert L.unsupported_reason(plain)
+
+
+@pytest.mark.parametrize("chunked, targets, installed", [(True, "q_proj,v_proj", True), (False, "q_proj,v_proj", False),
+                                                         (True, "q_proj,lm_head", False)])
+def test_load_model_gives_the_trainer_the_chunked_loss(tmp_path, capsys, monkeypatch, chunked, targets, installed):
+    """The trainer's model comes from load_model: chunked unless train.chunked_loss=false, and an
+    adapter on lm_head keeps transformers' loss with the reason printed."""
+    import contextlib
+
+    import deepspeed
+
+    from allora_ds.config import load_config
+    from allora_ds.modeling import load_model
+
+    LlamaForCausalLM(tiny_llama_config(VOCAB, hidden=HIDDEN, layers=1)).save_pretrained(tmp_path / "m")
+    cfg = load_config(None, [f"train.chunked_loss={str(chunked).lower()}", f"adapter.target_modules={targets}"],
+                      base={"model": {"path": str(tmp_path / "m"), "dtype": "float32"}, "data": {"train": "x.jsonl"}})
+    # Without ZeRO-3, load_model's zero.Init is disabled; it would still look for a process group.
+    monkeypatch.setattr(deepspeed.zero, "Init", lambda **kw: contextlib.nullcontext())
+    model = load_model(cfg, {"train_micro_batch_size_per_gpu": 1}, verbose=True)[0]
+    assert L.installed(model) == installed
+    if chunked and not installed:
+        assert "keeping transformers' loss: lm_head is a AdapterLinear" in capsys.readouterr().out
