@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO   ?= runs/demo
 
-.PHONY: setup demo test test-fast test-floors clean
+.PHONY: setup demo test test-fast test-floors gpu-check gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,15 @@ $(FLOORS)/.installed: setup.py .ci/floors.py
 	$(FLOORS)/bin/python -m pip install --quiet "torch==2.13.0" -c $(FLOORS)/floors.txt -e ".[dev]"
 	$(FLOORS)/bin/python .ci/floors.py --check
 	touch $@
+
+# On one NVIDIA GPU: install, GPU-marked tests, the Llama-3-8B benchmark, one JSON
+# (bench/results/gpu_check.json). Uses the active python3 and its CUDA torch; offline from the
+# wheels of `make gpu-wheels` when .gpu-wheels/ holds any. See launch/gpu_check.sh.
+gpu-check:
+	bash launch/gpu_check.sh
+
+gpu-wheels: setup
+	PYTHON=$(PY) bash launch/gpu_check.sh wheels .gpu-wheels
 
 clean:
 	rm -rf $(VENV) $(FLOORS) runs *.egg-info

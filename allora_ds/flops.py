@@ -77,8 +77,9 @@ def flop_model(model) -> FlopModel:
     total = sum(numel(p) for p in model.parameters())
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     embed = numel(model.get_input_embeddings().weight)
-    tied = model.get_output_embeddings() is not None and \
-        model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    head = getattr(head, "base_layer", head)  # an adapter on lm_head wraps it
+    tied = getattr(head, "weight", None) is model.get_input_embeddings().weight
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return FlopModel(matmul_params=total - (0 if tied else embed), trainable_params=trainable,
                      n_layers=cfg.num_hidden_layers, attn_dim=cfg.num_attention_heads * head_dim)

@@ -470,7 +470,7 @@ class LogWindow:
 
     def add(self, loss_share: torch.Tensor, sb: StepBatch, applied: bool, seconds: float) -> None:
         if applied:
-            self.loss = self.loss + loss_share
+            self.loss = self.loss + loss_share.double()
         self.applied += applied
         self.skipped += not applied
         self.tokens += sb.tokens

@@ -54,12 +54,12 @@ def llama_config(shape: dict):
                        eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
 
 
-def train_config(method: str, seq_len: int, steps: int, dtype: str, ds_path: Path):
+def train_config(method: str, seq_len: int, steps: int, dtype: str, ds_path: Path, attn: str = "sdpa"):
     from allora_ds.config import load_config
 
     return load_config(None, base={
         # model.path and data.train are not read: the model and the rows are built here
-        "model": {"path": "<from_config>", "dtype": dtype, "gradient_checkpointing": True},
+        "model": {"path": "<from_config>", "dtype": dtype, "gradient_checkpointing": True, "attn_implementation": attn},
         "adapter": {"method": method, "rank": RANK, "alpha": 32.0},
         "data": {"train": "<random tokens>", "max_seq_len": seq_len},
         "train": {"deepspeed": str(ds_path), "micro_batch_size": 1, "gradient_accumulation_steps": 1, "lr": 1e-4,
@@ -84,11 +84,15 @@ def build_engine(cfg, shape: dict, world: int):
     ds["optimizer"]["params"]["torch_adam"] = True
     keepalive = HfDeepSpeedConfig(ds)  # alive: from_config creates the model under zero.Init, on the device
     model = AutoModelForCausalLM.from_config(llama_config(shape), dtype=TORCH_DTYPES[cfg.model.dtype],
-                                             attn_implementation="sdpa")
+                                             attn_implementation=cfg.model.attn_implementation)
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with deepspeed.zero.Init(config_dict_or_path=ds):
         counts = inject_adapters(model, cfg.adapter.spec(), seed=cfg.train.seed, verbose=False)
+    if cfg.train.chunked_loss:
+        from allora_ds.loss import install
+
+        install(model)
     t = cfg.train
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds,
@@ -98,81 +102,96 @@ def build_engine(cfg, shape: dict, world: int):
     return engine, counts
 
 
-def random_rows(n: int, seq_len: int, vocab: int, seed: int) -> list[dict]:
-    """Rows as the trainer's data pipeline gives them: input_ids, labels (first token masked)."""
+def random_rows(n: int, seq_len: int, vocab: int, seed: int, example_len: int | None = None) -> list[dict]:
+    """Rows as the trainer's data pipeline gives them: input_ids, labels (first token of each example
+    masked); with ``example_len``, each row packs seq_len/example_len examples (restarted positions)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(n):
         ids = torch.randint(0, vocab, (seq_len,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] + ids[1:]})
+        if example_len is None:
+            rows.append({"input_ids": ids, "labels": [-100] + ids[1:], "n_labels": seq_len - 1})
+            continue
+        labels = [-100 if i % example_len == 0 else t for i, t in enumerate(ids)]
+        rows.append({"input_ids": ids, "labels": labels, "n_labels": sum(t != -100 for t in labels),
+                     "position_ids": [i % example_len for i in range(seq_len)]})
     return rows
 
 
-def measure(method: str, args, shape: dict, ds_path: Path, dtype: str, out_dir: Path) -> dict:
+def measure(method: str, args, shape: dict, ds_path: Path, dtype: str, out_dir: Path) -> list[dict]:
+    """Build the engine once for ``method``, then time each workload on it."""
     import torch
 
     from allora_ds import flops
+    from allora_ds.modeling import flat_batches
     from allora_ds.train import Run, train_step
 
     t0 = time.perf_counter()
     total = args.warmup + args.steps
-    cfg = train_config(method, args.seq_len, total, dtype, ds_path)
+    cfg = train_config(method, args.seq_len, total, dtype, ds_path, args.attn)
     engine, counts = build_engine(cfg, shape, world=1)
     build_s = time.perf_counter() - t0
     cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    rows = random_rows(total, args.seq_len, shape["vocab_size"], seed=1)
-    run = Run(cfg=cfg, out=out_dir, rank=0, world=1, engine=engine, tokenizer=SimpleNamespace(pad_token_id=0),
-              train_rows=rows, eval_rows=None, rounds_per_epoch=len(rows), total_steps=total,
-              label_counts=[sum(t != -100 for t in r["labels"]) for r in rows], flop_model=flops.flop_model(engine.module),
-              peak_tflops=flops.peak_tflops(torch.cuda.get_device_name()) if cuda else None)
-    times, losses, step_flops = [], [], 0.0
-    for i in range(total):
+    results = []
+    for example_len in (None, args.packed_example_len):
         if cuda:
-            torch.cuda.synchronize()
-        s0 = time.perf_counter()
-        loss, sb, applied = train_step(run)
-        run.step += 1
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - s0)
-        losses.append(float(loss))
-        assert applied and sb.tokens == args.seq_len
-        step_flops = run.flop_model.step_flops(sb.tokens, sb.causal_pairs)
-    step_s = statistics.median(times)
-    tps = args.seq_len / step_s
-    n_params = counts["total"]
-    util = flops.mfu(step_flops, step_s, 1, run.peak_tflops)  # None without a GPU of known peak
-    recompute = run.flop_model.matmul_params * 2 * args.seq_len  # the checkpointed forward, run twice
-    res = {
-        "method": method, "build_s": build_s, "step_s": step_s, "step_s_all": times, "tokens_per_s": tps,
-        "mfu": util, "hfu_with_recompute": util * (step_flops + recompute) / step_flops if util is not None else None,
-        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "params": n_params, "trainable": counts["trainable"], "losses": losses,
-    }
+            torch.cuda.reset_peak_memory_stats()
+        rows = random_rows(total, args.seq_len, shape["vocab_size"], seed=1, example_len=example_len)
+        run = Run(cfg=cfg, out=out_dir, rank=0, world=1, engine=engine, tokenizer=SimpleNamespace(pad_token_id=0),
+                  train_rows=rows, eval_rows=None, rounds_per_epoch=len(rows), total_steps=total,
+                  label_counts=[r["n_labels"] for r in rows], flatten=flat_batches(engine.module),
+                  flop_model=flops.flop_model(engine.module),
+                  peak_tflops=flops.peak_tflops(torch.cuda.get_device_name()) if cuda else None)
+        times, losses, step_flops = [], [], 0.0
+        for i in range(total):
+            if cuda:
+                torch.cuda.synchronize()
+            s0 = time.perf_counter()
+            loss, sb, applied = train_step(run)
+            run.step += 1
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - s0)
+            losses.append(float(loss))
+            assert applied and sb.tokens == args.seq_len
+            step_flops = run.flop_model.step_flops(sb.tokens, sb.causal_pairs)
+        step_s = statistics.median(times)
+        util = flops.mfu(step_flops, step_s, 1, run.peak_tflops)  # None without a GPU of known peak
+        recompute = run.flop_model.matmul_params * 2 * args.seq_len  # the checkpointed forward, run twice
+        results.append({
+            "method": method, "workload": f"seq {args.seq_len}" + (f", packed {example_len}" if example_len else ""),
+            "example_len": example_len or args.seq_len, "attn": args.attn, "build_s": build_s, "step_s": step_s,
+            "step_s_all": times, "tokens_per_s": args.seq_len / step_s, "step_flops": step_flops, "mfu": util,
+            "hfu_with_recompute": util * (step_flops + recompute) / step_flops if util is not None else None,
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "params": counts["total"], "trainable": counts["trainable"], "losses": losses,
+        })
     engine.destroy()  # drop ZeRO-3's hooks and buffers so the next method starts from an empty device
     del engine, run
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    return res
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny-cpu", action="store_true", help="tiny model on the CPU: the code path without a GPU")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (2048; 64 with --tiny-cpu)")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per method")
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per method")
+    ap.add_argument("--packed-example-len", type=int, default=None,
+                    help="second workload: rows of --seq-len packing examples this long (256; 16 with --tiny-cpu)")
+    ap.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, flash_attention_2, eager)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per method and workload")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per method and workload")
     ap.add_argument("--out", type=Path, default=None, help="JSON (default bench/results/gpu.json on a GPU)")
     args = ap.parse_args(argv)
     if args.tiny_cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     args.seq_len = args.seq_len or (64 if args.tiny_cpu else 2048)
+    args.packed_example_len = args.packed_example_len or (16 if args.tiny_cpu else 256)
 
     import torch
 
@@ -189,17 +208,19 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
         for method in METHODS:
-            r = measure(method, args, shape, ds_path, dtype, Path(tmp))
-            results.append(r)
-            print(f"{method}: built in {r['build_s']:.0f} s, step {r['step_s']:.3f} s, {r['tokens_per_s']:.0f} tokens/s",
-                  flush=True)
-    by = {r["method"]: r for r in results}
+            for r in measure(method, args, shape, ds_path, dtype, Path(tmp)):
+                results.append(r)
+                print(f"{method}, {r['workload']}: built in {r['build_s']:.0f} s, step {r['step_s']:.3f} s, "
+                      f"{r['tokens_per_s']:.0f} tokens/s", flush=True)
+    by = {(r["method"], r["example_len"]): r for r in results}
     out = args.out or (RESULTS / "gpu.json" if not args.tiny_cpu else None)
     result = {
         "machine": machine(), "tiny_cpu": args.tiny_cpu, "shape": shape, "dtype": dtype, "seq_len": args.seq_len,
-        "micro_batch": 1, "gradient_checkpointing": True, "zero_stage": 3, "deepspeed_config": str(ds_path.relative_to(REPO)),
+        "packed_example_len": args.packed_example_len, "attn": args.attn, "micro_batch": 1,
+        "gradient_checkpointing": True, "zero_stage": 3, "deepspeed_config": str(ds_path.relative_to(REPO)),
         "warmup": args.warmup, "steps": args.steps, "results": results,
-        "allora_time_over_lora": by["allora"]["step_s"] / by["lora"]["step_s"],
+        "allora_time_over_lora": {f"example_len {n}": by[("allora", n)]["step_s"] / by[("lora", n)]["step_s"]
+                                  for n in (args.seq_len, args.packed_example_len)},
         "wall_s": time.perf_counter() - t_start,
     }
     if out:
@@ -207,17 +228,18 @@ def main(argv: list[str] | None = None) -> dict:
     m = result["machine"]
     print(f"\n{m.get('gpu', m['cpu'])}, torch {m['torch']}, deepspeed {m['deepspeed']}; "
           f"{'tiny' if args.tiny_cpu else 'Llama-3-8B'}-shaped model ({results[0]['params'] / 1e9:.3g} B parameters), "
-          f"bf16, ZeRO-3, 1 device, seq {args.seq_len}, micro-batch 1, gradient checkpointing, r={RANK}; "
+          f"bf16, ZeRO-3, {args.attn}, 1 device, seq {args.seq_len}, micro-batch 1, gradient checkpointing, r={RANK}; "
           f"{args.steps} timed steps after {args.warmup}; {result['wall_s']:.0f} s in all" + (f"; wrote {out}" if out else ""))
 
     def pct(x):
         return f"{100 * x:.1f}%" if x is not None else "-"
 
-    print(table(["method", "step s", "tokens/s", "MFU", "HFU (+recompute)", "peak GiB"], [
-        [r["method"], r["step_s"], r["tokens_per_s"], pct(r["mfu"]), pct(r["hfu_with_recompute"]),
+    print(table(["method", "workload", "step s", "tokens/s", "MFU", "HFU (+recompute)", "peak GiB"], [
+        [r["method"], r["workload"], r["step_s"], r["tokens_per_s"], pct(r["mfu"]), pct(r["hfu_with_recompute"]),
          f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"] for r in results
-    ], {1: ".3f", 2: ".0f"}))
-    print(f"allora / lora step time: {result['allora_time_over_lora']:.3f}")
+    ], {2: ".3f", 3: ".0f"}))
+    for k, v in result["allora_time_over_lora"].items():
+        print(f"allora / lora step time ({k}): {v:.3f}")
     return result
 
 

@@ -21,9 +21,19 @@ def test_env(**extra) -> dict:
         HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
         OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED="0",
         DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="",
+        # Where DeepSpeed's CPU ops are already built; named explicitly because the sbatch scripts
+        # would otherwise point jobs at a node-local directory and build them again there.
+        TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR") or default_extensions_dir(),
     )
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def default_extensions_dir() -> str:
+    """torch's own choice when TORCH_EXTENSIONS_DIR is unset: BUILD_ROOT/pyXY_cpu."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return os.path.join(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}_cpu")
 
 
 test_env.__test__ = False  # a helper, not a test
@@ -115,7 +125,6 @@ def tiny_tokenizer(tmp_path_factory):
     return build_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-
 @pytest.fixture(scope="session")
 def llama3_dir() -> Path:
     """A tiny Llama-3.1 model directory around Meta's real tokenizer (tests/llama3.py), cached between runs."""
@@ -125,3 +134,18 @@ def llama3_dir() -> Path:
     if why:
         pytest.skip(why)
     return llama3_model_dir()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run by `make gpu-check`; skipped elsewhere)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (make gpu-check)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -78,12 +78,15 @@ def gpu_tiny(tmp_path_factory):
 
 def test_gpu_bench_code_path_runs_on_cpu(gpu_tiny):
     res, stdout = gpu_tiny
-    assert [r["method"] for r in res["results"]] == ["allora", "lora"]
+    assert [(r["method"], r["example_len"]) for r in res["results"]] == [
+        ("allora", 64), ("allora", 16), ("lora", 64), ("lora", 16)]
     for r in res["results"]:
         assert _positive(r["step_s"]) and _positive(r["tokens_per_s"]) and len(r["step_s_all"]) == 2, r
         assert all(math.isfinite(x) for x in r["losses"]) and r["trainable"] > 0, r
         assert r["mfu"] is None  # no GPU: no peak to divide by
-    assert _positive(res["allora_time_over_lora"])
+    # Packed rows do the same linear work with less attention: fewer FLOPs per step.
+    assert res["results"][1]["step_flops"] < res["results"][0]["step_flops"]
+    assert all(_positive(v) for v in res["allora_time_over_lora"].values())
     assert stdout.rstrip().splitlines()[-1].startswith("allora / lora step time")
 
 

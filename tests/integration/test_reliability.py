@@ -4,9 +4,11 @@ Each faulty run uses the config of the shared uninterrupted ``trained`` run (8 s
 every 4) with another output_dir, so "nothing lost" is checked bitwise against it.
 """
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from allora_ds.faults import SLOW_S
 from tests.conftest import read_metrics, run, test_env, train_cmd
 
 FINAL = "step-00000008"
@@ -98,3 +100,28 @@ def test_incompatible_resume_is_refused_by_key(trained, tmp_path):
     p = run(train_cmd(cfg, nprocs=1), check=False)
     err = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and "written by 2 ranks, this run has 1" in err, p.stderr[-2000:]
+
+
+def test_metrics_average_applied_steps_and_time_only_training(trained, tmp_path):
+    """One run with log windows of 2 steps (the trained run logged every step, with the same data):
+    step 4 is non-finite in its second micro-batch only, steps 5 and 6 entirely; the step-4
+    checkpoint takes 20 s longer than it should; the export after step 8 takes 45 s longer, which is
+    longer than the 30 s a rank may wait in a collective here."""
+    run_dir, cfg, _ = trained
+    out = tmp_path / "run"
+    faults = "nonfinite_loss@4.2,nonfinite_loss@5,nonfinite_loss@6,slow_save@4,slow_export@8"
+    p = _launch(cfg, out, faults, False, "train.nonfinite=skip", "train.log_steps=2",
+                "train.collective_timeout_minutes=0.5", "export.adapter=true")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (out / "export" / "adapter" / "adapter_model.safetensors").is_file(), "the export was lost"
+    straight = {r["step"]: r["loss"] for r in read_metrics(run_dir)}
+    rows = {r["step"]: r for r in read_metrics(out)}
+    assert sorted(rows) == [2, 4, 6, 8]
+    assert rows[2]["loss"] == pytest.approx((straight[1] + straight[2]) / 2, rel=1e-6)
+    # Step 3 applied, step 4 skipped: the mean is step 3's loss, not biased by step 4's finite half.
+    assert (rows[4]["applied_steps"], rows[4]["window_skipped_steps"]) == (1, 1)
+    assert rows[4]["loss"] == pytest.approx(straight[3], rel=1e-6)
+    # Nothing applied: no loss to report (not 0.0).
+    assert rows[6]["loss"] is None and rows[6]["applied_steps"] == 0 and rows[6]["skipped_steps"] == 3
+    # The 20 s spent saving step 4 are not training time: the step-6 window is two tiny steps.
+    assert rows[6]["train_seconds"] < SLOW_S["slow_save"], rows[6]

@@ -1,4 +1,5 @@
-"""ALLoRA / LoRA / ALLoRA-OD gradients checked against their definitions in float64."""
+"""ALLoRA / LoRA / ALLoRA-OD gradients checked against their definitions in float64 (on the CPU, and
+on CUDA when a GPU is present: the gpu-marked variants run in `make gpu-check`)."""
 
 import pytest
 import torch
@@ -10,21 +11,26 @@ N_IN, N_OUT, R, TOKENS = 24, 40, 4, 7
 RTOL = 1e-12
 
 
-def _layer(method, seed=0, random_b=True, **kw):
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    return torch.device(request.param)
+
+
+def _layer(method, device="cpu", seed=0, random_b=True, **kw):
     torch.manual_seed(seed)
-    base = nn.Linear(N_IN, N_OUT, bias=True).double()
+    base = nn.Linear(N_IN, N_OUT, bias=True).double().to(device)
     layer = AdapterLinear(base, AdapterSpec(method=method, rank=R, **kw))
     if random_b:
         with torch.no_grad():
-            layer.lora_B.normal_(0, 0.3)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, dtype=torch.float64) * 0.3)
     return layer
 
 
-def _inputs(seed=1):
+def _inputs(device="cpu", seed=1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, TOKENS, N_IN, dtype=torch.float64, generator=g)
     upstream = torch.randn(2, TOKENS, N_OUT, dtype=torch.float64, generator=g)  # dL/dy
-    return x, upstream
+    return x.to(device), upstream.to(device)
 
 
 def _assert_close(actual, expected, what):
@@ -56,10 +62,10 @@ def test_row_norms_match_materialised_product():
     _assert_close(row_norms_of_product(A, B).double(), (B @ A).norm(dim=1), "row norms via Gram")
 
 
-def test_input_without_grad_gives_the_same_adapter_grads():
+def test_input_without_grad_gives_the_same_adapter_grads(device):
     """The backward skips grad_x work when x needs no gradient; A and B grads must not change."""
-    layer = _layer("allora")
-    x, up = _inputs()
+    layer = _layer("allora", device)
+    x, up = _inputs(device)
     _, _, gA, gB = _run(layer, x, up)
     layer.zero_grad()
     layer(x).backward(up)  # x.requires_grad is False here
@@ -79,9 +85,9 @@ def test_scale_diagnostics_summarise_rows():
     assert d["row_norm_mean"] == pytest.approx(norms.mean().item()) and d["c_max"] < 2.0
 
 
-def test_allora_grad_a_and_grad_b_match_definition():
-    layer = _layer("allora", eta=1.5)
-    x, up = _inputs()
+def test_allora_grad_a_and_grad_b_match_definition(device):
+    layer = _layer("allora", device, eta=1.5)
+    x, up = _inputs(device)
     y, gx, gA, gB = _run(layer, x, up)
     y_ref, G, gx_lora = _definition_grads(layer, x, up)
     A, B = layer.lora_A.detach(), layer.lora_B.detach()
@@ -100,9 +106,9 @@ def test_allora_scale_is_not_a_constant():
     assert c.max() - c.min() > 0.05 and norms.min() > 0
 
 
-def test_allora_zero_b_gives_eta_scale_and_base_output():
-    layer = _layer("allora", random_b=False, eta=2.0)
-    x, up = _inputs()
+def test_allora_zero_b_gives_eta_scale_and_base_output(device):
+    layer = _layer("allora", device, random_b=False, eta=2.0)
+    x, up = _inputs(device)
     y, _, gA, gB = _run(layer, x, up)
     assert torch.equal(y, layer.base_layer(x).detach()), "B = 0 must leave the base output unchanged"
     c = layer.diagnostics.c
@@ -112,9 +118,9 @@ def test_allora_zero_b_gives_eta_scale_and_base_output():
     assert torch.count_nonzero(gA) == 0, "grad_A is B^T(...) = 0 when B = 0"
 
 
-def test_lora_with_dropout_matches_definition():
-    layer = _layer("lora", alpha=8.0, dropout=0.25)
-    x, up = _inputs()
+def test_lora_with_dropout_matches_definition(device):
+    layer = _layer("lora", device, alpha=8.0, dropout=0.25)
+    x, up = _inputs(device)
     torch.manual_seed(123)
     y, gx, gA, gB = _run(layer, x, up)
     torch.manual_seed(123)
@@ -127,9 +133,9 @@ def test_lora_with_dropout_matches_definition():
     _assert_close(gx, gx_ref, "grad_x")
 
 
-def test_allora_od_matches_definition():
-    layer = _layer("allora_od", eta=2.0)
-    x, up = _inputs()
+def test_allora_od_matches_definition(device):
+    layer = _layer("allora_od", device, eta=2.0)
+    x, up = _inputs(device)
     y, gx, gA, gB = _run(layer, x, up)
     A, B = layer.lora_A.detach(), layer.lora_B.detach()
     f = x @ (B @ A).t()  # adapter output per token

@@ -169,7 +169,7 @@ def test_eval_fraction_holds_out_a_seeded_split(tmp_path, tiny_tokenizer):
 
 def _per_token_loss(model, batch):
     """Cross-entropy of every position that has a label (HF's shift: position t predicts label t+1)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels" and not k.startswith(("cu_seq", "max_length"))}
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, use_cache=False).logits.float()
     labels = batch["labels"]
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none",

@@ -52,6 +52,8 @@ def test_tied_lm_head_is_counted_once_as_a_matmul():
     model = LlamaForCausalLM(cfg)
     total = sum(p.numel() for p in model.parameters())  # the shared weight once
     assert flops.flop_model(model).matmul_params == total
+    inject_adapters(model, AdapterSpec(rank=2, target_modules=("lm_head",)), verbose=False)  # wraps the head
+    assert flops.flop_model(model).matmul_params == total + 2 * (64 + 1000)
 
 
 @pytest.mark.parametrize("name, peak", [

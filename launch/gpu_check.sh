@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# `make gpu-check`: validate allora_ds on one NVIDIA GPU in a few minutes, from a fresh clone.
+#
+#   bash launch/gpu_check.sh                 # on the GPU machine: install, GPU tests, 8B benchmark, one JSON
+#   bash launch/gpu_check.sh wheels [DIR]    # on a machine with internet, for a GPU box without it
+#
+# run (default):
+#   1. install: from the wheels in $GPU_WHEELS (default .gpu-wheels) into a private --target
+#      directory, offline, when that folder holds any (the box has torch/transformers/peft but
+#      no internet); otherwise `pip install -e .[dev]` into the active Python (its CUDA torch stays);
+#   2. the GPU-marked tests (tests/gpu, CUDA variants of the adapter-gradient tests): a 1-GPU ZeRO-3
+#      bf16 run of the tiny model under the deepspeed launcher (sdpa, and flash_attention_2 when
+#      flash-attn is installed), packing per attention backend, the export round trip;
+#   3. bench/gpu.py on the Llama-3-8B shape: allora vs lora, seq 2048, and 2048-token rows packing
+#      256-token examples;
+#   4. writes $GPU_CHECK_OUT/gpu_check.json (default bench/results/): machine, each test's outcome,
+#      step time, tokens/s, MFU and peak memory per method and workload.
+# Environment: PYTHON (default python3), GPU_WHEELS, GPU_CHECK_OUT (or OUT), STEPS (timed steps, 5).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+WHEELS=${GPU_WHEELS:-.gpu-wheels}
+say() { echo "[gpu-check $(date +%T)] $*"; }
+
+if [[ "${1:-run}" == wheels ]]; then
+  # What the GPU image lacks (its python is 3.12 with torch, transformers, peft, xxhash, fsspec,
+  # huggingface-hub): deepspeed (a pure wheel: ops are JIT-built, and our configs need none),
+  # datasets and their own dependencies (pyarrow >= 24 is assumed there: its wheel alone is 53 MB).
+  DIR=${2:-$WHEELS}
+  mkdir -p "$DIR"
+  dl=(download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$DIR")
+  "$PY" -m pip "${dl[@]}" datasets==5.2.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+      typing-extensions==4.16.0 dill==0.4.1 multiprocess==0.70.19 hjson==3.1.0
+  DS_BUILD_OPS=0 "$PY" -m pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 -w "$DIR"
+  say "wheels in $DIR ($(du -sh "$DIR" | cut -f1)); carry it to the GPU box and run: make gpu-check"
+  exit 0
+fi
+
+OUT_DIR=${GPU_CHECK_OUT:-${OUT:-bench/results}}
+mkdir -p "$OUT_DIR"
+T0=$(date +%s)
+"$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA GPU visible to torch")'
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  say "installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS (offline)"
+  SITE=${TMPDIR:-/tmp}/allora-gpu-site
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+  export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  say "installing the project and its dependencies into $("$PY" -c 'import sys; print(sys.prefix)')"
+  "$PY" -m pip install -q -e ".[dev]"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+ATTN=sdpa
+if "$PY" -c 'import flash_attn' 2>/dev/null; then ATTN=flash_attention_2; fi
+
+say "GPU tests"
+tests_rc=0
+"$PY" -m pytest -q -m gpu tests/gpu tests/unit/test_adapter_gradients.py -p no:cacheprovider \
+    --junitxml "$OUT_DIR/gpu_tests.xml" || tests_rc=$?
+say "bench/gpu.py (Llama-3-8B shape, $ATTN)"
+bench_rc=0
+"$PY" bench/gpu.py --attn "$ATTN" --warmup 2 --steps "${STEPS:-5}" --out "$OUT_DIR/gpu_bench.json" || bench_rc=$?
+
+"$PY" - "$OUT_DIR" "$tests_rc" "$bench_rc" "$(( $(date +%s) - T0 ))" <<'PY'
+import json, subprocess, sys, xml.etree.ElementTree as ET
+from pathlib import Path
+out, tests_rc, bench_rc, wall = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+tests = []
+if (out / "gpu_tests.xml").is_file():
+    for case in ET.parse(out / "gpu_tests.xml").getroot().iter("testcase"):
+        outcome = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
+        tests.append({"test": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
+                      "seconds": float(case.get("time", 0))})
+bench = json.loads((out / "gpu_bench.json").read_text()) if (out / "gpu_bench.json").is_file() else None
+smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                     capture_output=True, text=True).stdout.strip()
+report = {"gpu": smi, "tests_rc": tests_rc, "bench_rc": bench_rc, "wall_s": wall, "tests": tests,
+          "bench": None if bench is None else {
+              "machine": bench["machine"], "attn": bench["attn"], "allora_time_over_lora": bench["allora_time_over_lora"],
+              "results": [{k: r[k] for k in ("method", "workload", "step_s", "tokens_per_s", "mfu", "hfu_with_recompute",
+                                             "peak_mem_gb", "build_s")} for r in bench["results"]]}}
+(out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+bad = [t["test"] for t in tests if t["outcome"] in ("failure", "error")]
+print(f"gpu-check: {len(tests)} tests, {len(bad)} failed{': ' + ', '.join(bad) if bad else ''}; "
+      f"bench {'ok' if bench_rc == 0 else 'FAILED'}; {wall} s; wrote {out / 'gpu_check.json'}")
+PY
+exit $(( tests_rc || bench_rc ))
