@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -73,7 +74,10 @@ def gather_adapter_state(module: torch.nn.Module, keep_on_rank: int = 0) -> dict
 
 
 def save(engine, run_dir: Path, step: int, trainer_state: dict, keep_last: int, rank: int) -> Path:
-    """Write a complete checkpoint for ``step`` (all ranks call this) and prune old ones."""
+    """Write a complete checkpoint for ``step`` (all ranks call this) and prune this run's old ones.
+
+    ``trainer_state["run_id"]`` names the run: pruning only ever deletes checkpoints that carry it.
+    """
     from allora_ds import faults
 
     root = run_dir / CKPT_DIR
@@ -100,7 +104,8 @@ def save(engine, run_dir: Path, step: int, trainer_state: dict, keep_last: int, 
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_text_atomic(root / LATEST, final.name)
-        for old in complete_checkpoints(run_dir)[:-keep_last]:
+        ours = [c for c in complete_checkpoints(run_dir) if _run_id(c) == trainer_state["run_id"]]
+        for old in ours[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
@@ -117,6 +122,35 @@ def _write_text_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _run_id(ckpt: Path) -> str | None:
+    try:
+        return json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8")).get("run_id")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def claim_output_dir(run_dir: Path, resume_from: Path | None, overwrite: bool, why: str) -> Path | None:
+    """Make sure a run does not write its checkpoints among another run's; returns ``resume_from``.
+
+    A run may write into ``run_dir/checkpoints`` only when it continues the newest complete checkpoint
+    there (or there is none). Anything else (``why``: a new run, or a resume from an older or foreign
+    checkpoint) would interleave two runs' checkpoints: refused, unless ``overwrite``, which renames
+    ``run_dir`` aside in one atomic step (nothing is deleted) before anything new is written.
+    """
+    done = complete_checkpoints(run_dir)
+    if not done or (resume_from is not None and resume_from.resolve() == done[-1].resolve()):
+        return resume_from
+    if not overwrite:
+        raise UserError(f"train.output_dir: {run_dir / CKPT_DIR} holds another run's checkpoints (up to {done[-1].name}) "
+                        f"and this run does not continue them ({why}); use a new train.output_dir, "
+                        "train.resume=auto to continue that run, or train.overwrite_output_dir=true to move it aside")
+    inside = resume_from is not None and resume_from.resolve().is_relative_to(run_dir.resolve())
+    aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.rename(run_dir, aside)
+    print(f"[allora_ds] train.overwrite_output_dir: moved the previous run in {run_dir} to {aside}", flush=True)
+    return aside / resume_from.resolve().relative_to(run_dir.resolve()) if inside else resume_from
 
 
 def is_complete(ckpt: Path) -> bool:

@@ -108,6 +108,9 @@ class TrainConfig:
     save_steps: int = _f(0, "Checkpoint every this many steps; 0 = only at the end.")
     keep_last: int = _f(2, "Checkpoints to keep (oldest deleted first).")
     resume: str = _f("auto", "auto (newest complete checkpoint in output_dir), never, or a checkpoint path.")
+    overwrite_output_dir: bool = _f(False, "A run that does not continue the checkpoints already in output_dir "
+                                           "(train.resume=never, or a resume from an older one) moves that directory "
+                                           "aside to OUTPUT_DIR.replaced-TIME first; without this it is refused.")
     resume_allow_changes: list[str] = _f([], "Keys (e.g. data.train) allowed to differ from the checkpoint's config on resume.")
     nonfinite: str = _f("stop", "On a non-finite loss: stop (keep the last good checkpoint) or skip the step.", NONFINITE)
     chunked_loss: bool = _f(True, "LM head + cross-entropy only at labelled positions, in chunks (allora_ds/loss.py): "

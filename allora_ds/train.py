@@ -23,6 +23,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,7 @@ class Run:
     flatten: bool = False  # one row per micro-batch (flash attention), see data.collate
     flop_model: flops.FlopModel | None = None
     peak_tflops: float | None = None  # per device, for MFU; None: not reported
+    run_id: str = ""  # names this run's checkpoints (kept across resumes); pruning touches no others
     step: int = 0
     skipped_steps: int = 0
     stop_signal: threading.Event = field(default_factory=threading.Event)  # set by a signal on this rank
@@ -197,7 +199,8 @@ def setup(cfg: Config) -> Run:
     run = Run(cfg=cfg, out=out, rank=rank, world=world, engine=engine, tokenizer=tokenizer, train_rows=train_rows,
               eval_rows=eval_rows, rounds_per_epoch=rounds, total_steps=total, keepalive=[keepalive],
               label_counts=train_rows["n_labels"],
-              flatten=flat_batches(model), flop_model=flops.flop_model(model), peak_tflops=peak_tflops(cfg))
+              flatten=flat_batches(model), flop_model=flops.flop_model(model), peak_tflops=peak_tflops(cfg),
+              run_id=(state or {}).get("run_id") or uuid.uuid4().hex)
     if rank == 0:
         print(f"[allora_ds] {world} rank(s), {steps_per_epoch} steps/epoch, {total} steps, global batch "
               f"{t.micro_batch_size * t.gradient_accumulation_steps * world} sequences", flush=True)
@@ -217,6 +220,9 @@ def setup(cfg: Config) -> Run:
 def decide_resume(cfg: Config, out: Path, rank: int, world: int) -> tuple[Path | None, dict | None]:
     """The checkpoint to resume from and its trainer state, decided by rank 0 and broadcast.
 
+    Rank 0 also makes sure this run will not write among another run's checkpoints
+    (``checkpoint.claim_output_dir``), before anything is written.
+
     Ranks on different nodes must not each list a shared filesystem: with NFS attribute caching a
     node can miss the newest checkpoint (or still see a pruned one), and ranks that resume from
     different steps hang or silently train on mismatched states. A user error found by rank 0
@@ -231,6 +237,9 @@ def decide_resume(cfg: Config, out: Path, rank: int, world: int) -> tuple[Path |
             if ckpt is not None:  # refuse an incompatible resume before loading anything big
                 state = checkpoint.read_trainer_state(ckpt)
                 check_resume_compatible(cfg, state, ckpt, world)
+            why = "train.resume=never" if ckpt is None else f"it resumes from {ckpt}"
+            ckpt = checkpoint.claim_output_dir(out, ckpt, cfg.train.overwrite_output_dir, why)
+            if ckpt is not None:
                 decision[:2] = [str(ckpt), state]
         except UserError as e:
             decision[2] = str(e)
@@ -445,7 +454,8 @@ class MetricsLog:
 
 def save(run: Run) -> Path:
     c = run.cfg
-    state = {"step": run.step, "epoch": run.step / (run.rounds_per_epoch // c.train.gradient_accumulation_steps),
+    state = {"step": run.step, "run_id": run.run_id,
+             "epoch": run.step / (run.rounds_per_epoch // c.train.gradient_accumulation_steps),
              "skipped_steps": run.skipped_steps, "world_size": run.world, "config": c.to_dict(),
              "adapter": {"method": c.adapter.method, "rank": c.adapter.rank, "eta": c.adapter.eta,
                          "alpha": c.adapter.alpha, "scale": c.adapter.spec().scale,

@@ -1,7 +1,7 @@
 """Worker for test_zero_equivalence's bf16 test: ZeRO-3 in bf16, with adapter gradients reduced
 and accumulated in fp32 or in bf16, against a one-process bf16 reference.
 
-    deepspeed --num_gpus 2 bf16_reduction_worker.py MODEL OUT --comm fp32|bf16
+    deepspeed --num_gpus 2 bf16_reduction_worker.py MODEL OUT --comm shipped|bf16   # shipped: zero3_bf16.json
     deepspeed --num_gpus 1 bf16_reduction_worker.py MODEL OUT --comm fp32 --as-ranks 2   # the reference
 
 The reference is one process that runs every (accumulation index, rank) micro-batch of the 2-rank
@@ -17,6 +17,7 @@ from adapter_equivalence_worker import LR, MICRO, batch, lm_loss, spec
 from safetensors.torch import save_file
 
 from allora_ds.adapters import adapter_modules, inject_adapters
+from allora_ds.ds_config import read_ds_config
 
 STEPS, GAS = 2, 4
 
@@ -47,8 +48,13 @@ def distributed(a):
     cfg = {
         "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": gas, "gradient_clipping": 0.0,
         "bf16": {"enabled": True}, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True,
-        "communication_data_type": a.comm, "data_types": {"grad_accum_dtype": a.comm}, "steps_per_print": 10**9,
+        "steps_per_print": 10**9,
     }
+    if a.comm == "shipped":  # what ds_configs/zero3_bf16.json says about reduction and accumulation
+        shipped = read_ds_config("zero3_bf16")
+        cfg.update({k: shipped[k] for k in ("communication_data_type", "data_types") if k in shipped})
+    else:
+        cfg.update({"communication_data_type": a.comm, "data_types": {"grad_accum_dtype": a.comm}})
     keep = HfDeepSpeedConfig(cfg)  # noqa: F841 - makes from_pretrained partition
     model = load_bf16(a.model)
     with deepspeed.zero.Init(config_dict_or_path=cfg):
@@ -79,7 +85,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("model")
     p.add_argument("out")
-    p.add_argument("--comm", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--comm", choices=("shipped", "fp32", "bf16"), default="shipped")
     p.add_argument("--as-ranks", type=int, default=1)
     p.add_argument("--local_rank", type=int, default=0)
     distributed(p.parse_args())

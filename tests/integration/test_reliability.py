@@ -4,6 +4,8 @@ Each faulty run uses the config of the shared uninterrupted ``trained`` run (8 s
 every 4) with another output_dir, so "nothing lost" is checked bitwise against it.
 """
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -125,3 +127,26 @@ def test_metrics_average_applied_steps_and_time_only_training(trained, tmp_path)
     assert rows[6]["loss"] is None and rows[6]["applied_steps"] == 0 and rows[6]["skipped_steps"] == 3
     # The 20 s spent saving step 4 are not training time: the step-6 window is two tiny steps.
     assert rows[6]["train_seconds"] < SLOW_S["slow_save"], rows[6]
+
+
+def test_a_new_run_into_a_used_output_dir_is_refused_or_moves_the_old_run_aside(trained, tmp_path):
+    run_dir, cfg, _ = trained
+    out = tmp_path / "run"
+    shutil.copytree(run_dir / "checkpoints", out / "checkpoints")
+    shutil.copy(run_dir / "metrics.jsonl", out / "metrics.jsonl")
+    before, metrics = _ckpts(out), (out / "metrics.jsonl").read_text()
+    new_run = ("train.max_steps=4", "train.save_steps=2", "train.keep_last=1")
+    for resume in ("never", str(out / "checkpoints" / "step-00000004")):  # a new run; a resume from an older step
+        p = _launch(cfg, out, None, False, f"train.resume={resume}", *new_run)
+        errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+        assert p.returncode == 2 and errors, p.stderr[-3000:]
+        assert f"{out / 'checkpoints'} holds another run's checkpoints (up to step-00000008)" in errors[0]
+        assert "train.overwrite_output_dir=true" in errors[0] and "train.resume=auto" in errors[0]
+        assert _ckpts(out) == before and (out / "metrics.jsonl").read_text() == metrics, "refused, yet touched"
+    p = _launch(cfg, out, None, True, "train.resume=never", *new_run, "train.overwrite_output_dir=true",
+                "export.adapter=true")
+    aside = [d for d in tmp_path.iterdir() if d.name.startswith("run.replaced-")]
+    assert len(aside) == 1 and _ckpts(aside[0]) == before and (aside[0] / "metrics.jsonl").read_text() == metrics
+    assert _ckpts(out) == ["step-00000004"] and (out / "checkpoints" / "latest").read_text() == "step-00000004"
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+    assert (out / "export" / "adapter" / "adapter_model.safetensors").is_file()

@@ -40,13 +40,14 @@ def test_adapters_match_single_process_reference(tiny_model, references, tmp_pat
 def test_bf16_reduction_in_fp32(tiny_model, tmp_path):
     """ZeRO-3 in bf16 with 4 accumulation steps on 2 ranks: adapter gradients reduce-scattered and
     accumulated in fp32 (the shipped configs) match a one-process bf16 reference far more closely
-    than the same run reducing and accumulating in bf16 (DeepSpeed's default for bf16)."""
+    than the same run reducing and accumulating in bf16 (DeepSpeed's default for bf16). Measured:
+    0.0 (bitwise equal) vs 4.3e-3 relative error of the whole adapter update."""
     worker = REPO / "tests" / "integration" / "bf16_reduction_worker.py"
     ref_path = tmp_path / "ref.safetensors"
     run(deepspeed_cmd([worker, tiny_model, ref_path, "--comm", "fp32", "--as-ranks", 2], nprocs=1))
     ref = load_file(ref_path)
     errors = {}
-    for comm in ("fp32", "bf16"):
+    for comm in ("shipped", "bf16"):
         out = tmp_path / f"{comm}.safetensors"
         run(deepspeed_cmd([worker, tiny_model, out, "--comm", comm]))
         got = load_file(out)
@@ -56,7 +57,7 @@ def test_bf16_reduction_in_fp32(tiny_model, tmp_path):
         upd = torch.cat([(got[f"final.{n}"] - got[f"init.{n}"]).flatten() for n in names])
         assert all(torch.equal(got[f"init.{n}"], ref[f"init.{n}"]) for n in names), "different starting adapters"
         errors[comm] = ((upd - upd_ref).norm() / upd_ref.norm()).item()
-    print(f"relative error of the bf16 update vs the reference: fp32 reduction {errors['fp32']:.2e}, "
-          f"bf16 reduction {errors['bf16']:.2e}")
-    assert errors["fp32"] < 1e-3, errors
-    assert errors["fp32"] * 5 < errors["bf16"], errors
+    print(f"relative error of the bf16 update vs the reference: shipped config (fp32 reduction) "
+          f"{errors['shipped']:.2e}, bf16 reduction {errors['bf16']:.2e}")
+    assert errors["shipped"] < 1e-5, errors
+    assert errors["bf16"] > 1e-4, errors  # else the comparison cannot tell the two settings apart
