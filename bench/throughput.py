@@ -369,7 +369,7 @@ def breakdown_worker(s: Setting, kind: str, model_dir: Path, data: Path, reps: i
     run = T.setup(load_config(None, base=allora_config(s, "allora", model_dir, data, out.parent / "run", ds_path)))
 
     def plain_step(step: int) -> None:
-        for batch in T.micro_batches(run, step)[0]:
+        for batch in T.micro_batches(run, step).batches:
             plain(**batch).loss.backward()
         plain.zero_grad(set_to_none=True)
 
