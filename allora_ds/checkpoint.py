@@ -131,26 +131,29 @@ def _run_id(ckpt: Path) -> str | None:
         return None
 
 
-def claim_output_dir(run_dir: Path, resume_from: Path | None, overwrite: bool, why: str) -> Path | None:
-    """Make sure a run does not write its checkpoints among another run's; returns ``resume_from``.
+def other_runs_checkpoints(run_dir: Path, resume_from: Path | None, overwrite: bool, why: str) -> bool:
+    """Whether ``run_dir`` holds checkpoints this run must not write among; raises unless ``overwrite``.
 
     A run may write into ``run_dir/checkpoints`` only when it continues the newest complete checkpoint
     there (or there is none). Anything else (``why``: a new run, or a resume from an older or foreign
-    checkpoint) would interleave two runs' checkpoints: refused, unless ``overwrite``, which renames
-    ``run_dir`` aside in one atomic step (nothing is deleted) before anything new is written.
+    checkpoint) would interleave two runs' checkpoints. With ``overwrite`` the caller moves
+    ``run_dir`` aside (``move_aside``) before it writes anything.
     """
     done = complete_checkpoints(run_dir)
     if not done or (resume_from is not None and resume_from.resolve() == done[-1].resolve()):
-        return resume_from
+        return False
     if not overwrite:
         raise UserError(f"train.output_dir: {run_dir / CKPT_DIR} holds another run's checkpoints (up to {done[-1].name}) "
                         f"and this run does not continue them ({why}); use a new train.output_dir, "
                         "train.resume=auto to continue that run, or train.overwrite_output_dir=true to move it aside")
-    inside = resume_from is not None and resume_from.resolve().is_relative_to(run_dir.resolve())
+    return True
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Rename ``run_dir`` to ``RUN_DIR.replaced-TIME`` in one atomic step: nothing is deleted."""
     aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
     os.rename(run_dir, aside)
-    print(f"[allora_ds] train.overwrite_output_dir: moved the previous run in {run_dir} to {aside}", flush=True)
-    return aside / resume_from.resolve().relative_to(run_dir.resolve()) if inside else resume_from
+    return aside
 
 
 def is_complete(ckpt: Path) -> bool:

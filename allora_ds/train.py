@@ -171,7 +171,7 @@ def setup(cfg: Config) -> Run:
 
     rank, world, local_rank = init_distributed(cfg.train.collective_timeout_minutes)
     ds = fill_ds_config(ds_raw, cfg, world, getattr(model_config, "hidden_size", 4096), cfg.train.deepspeed)
-    ckpt, state = decide_resume(cfg, out, rank, world)
+    ckpt, state, replace_old_run = decide_resume(cfg, out, rank, world)
     torch.manual_seed(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model)
@@ -209,7 +209,12 @@ def setup(cfg: Config) -> Run:
         run.step, run.skipped_steps = state["step"], state.get("skipped_steps", 0)
         if rank == 0:
             print(f"[allora_ds] resumed from {ckpt} at step {run.step}", flush=True)
+    if replace_old_run:
+        dist.barrier()  # every rank has read what it resumes from, wherever that was
     if rank == 0:  # only now: a run that failed to set up leaves an existing output_dir untouched
+        if replace_old_run:
+            aside = checkpoint.move_aside(out)
+            print(f"[allora_ds] train.overwrite_output_dir: moved the previous run in {out} to {aside}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         (out / "ds_config.json").write_text(json.dumps(ds, indent=2))
         save_config(cfg, out / "config.yaml")
@@ -217,18 +222,17 @@ def setup(cfg: Config) -> Run:
     return run
 
 
-def decide_resume(cfg: Config, out: Path, rank: int, world: int) -> tuple[Path | None, dict | None]:
-    """The checkpoint to resume from and its trainer state, decided by rank 0 and broadcast.
-
-    Rank 0 also makes sure this run will not write among another run's checkpoints
-    (``checkpoint.claim_output_dir``), before anything is written.
+def decide_resume(cfg: Config, out: Path, rank: int, world: int) -> tuple[Path | None, dict | None, bool]:
+    """The checkpoint to resume from, its trainer state, and whether ``out`` holds another run's
+    checkpoints to move aside (train.overwrite_output_dir; refused otherwise): decided by rank 0
+    and broadcast.
 
     Ranks on different nodes must not each list a shared filesystem: with NFS attribute caching a
     node can miss the newest checkpoint (or still see a pruned one), and ranks that resume from
     different steps hang or silently train on mismatched states. A user error found by rank 0
     (missing path, incompatible config) is raised on every rank, so all stop alike.
     """
-    decision: list = [None, None, None]  # checkpoint path, trainer state, error message
+    decision: list = [None, None, None, False]  # checkpoint path, trainer state, error message, move out aside
     if rank == 0:
         try:
             ckpt, notes = checkpoint.resolve_resume(cfg.train.resume, out)
@@ -238,7 +242,7 @@ def decide_resume(cfg: Config, out: Path, rank: int, world: int) -> tuple[Path |
                 state = checkpoint.read_trainer_state(ckpt)
                 check_resume_compatible(cfg, state, ckpt, world)
             why = "train.resume=never" if ckpt is None else f"it resumes from {ckpt}"
-            ckpt = checkpoint.claim_output_dir(out, ckpt, cfg.train.overwrite_output_dir, why)
+            decision[3] = checkpoint.other_runs_checkpoints(out, ckpt, cfg.train.overwrite_output_dir, why)
             if ckpt is not None:
                 decision[:2] = [str(ckpt), state]
         except UserError as e:
@@ -246,7 +250,7 @@ def decide_resume(cfg: Config, out: Path, rank: int, world: int) -> tuple[Path |
     dist.broadcast_object_list(decision, src=0)
     if decision[2] is not None:
         raise UserError(decision[2])
-    return (Path(decision[0]) if decision[0] else None), decision[1]
+    return (Path(decision[0]) if decision[0] else None), decision[1], decision[3]
 
 
 def peak_tflops(cfg: Config) -> float | None:
