@@ -195,6 +195,9 @@ def setup(cfg: Config) -> Run:
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds,
         lr_scheduler=lambda opt: get_scheduler(sched, opt, num_warmup_steps=t.warmup_steps, num_training_steps=total),
     )
+    # from_pretrained leaves the model in eval mode, where transformers skips gradient checkpointing
+    # and dropout is off; evaluate() switches back to train mode, so the steps before it need this too.
+    engine.train()
     torch.manual_seed(cfg.train.seed + rank)  # dropout masks differ across ranks
     run = Run(cfg=cfg, out=out, rank=rank, world=world, engine=engine, tokenizer=tokenizer, train_rows=train_rows,
               eval_rows=eval_rows, rounds_per_epoch=rounds, total_steps=total, keepalive=[keepalive],
