@@ -10,6 +10,7 @@ owns the ZeRO stage, offload and communication settings. A value set in both mus
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from allora_ds.config import Config
@@ -73,8 +74,46 @@ def _fill(ds: dict, key: str, value, path: Path, what: str) -> None:
         raise UserError(f"{path}: {key} is {current!r} but {what} gives {value!r}; set it to \"auto\" or make them agree")
 
 
-def fill_ds_config(ds: dict, cfg: Config, world_size: int, hidden_size: int, path: str | Path) -> dict:
-    """Return a copy of ``ds`` with every "auto" resolved; raises ``UserError`` on conflicts."""
+def ranks_per_node(world_size: int) -> int:
+    """Ranks on this node, as the launcher says (deepspeed: LOCAL_SIZE, torchrun: LOCAL_WORLD_SIZE)."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return world_size
+
+
+def zero3_auto_values(hidden_size: int, rank: int, world_size: int, per_node: int) -> dict:
+    """What "auto" means in ``zero_optimization``, from the model's hidden size ``h`` and the adapter rank.
+
+    Sized for adapters on a frozen Llama-3 base (measured in bench/comm.py, predicted by allora-plan):
+    * ``layer`` = 13 h^2 elements, one Llama-3 decoder layer (exact for 8B, 2% over for 70B);
+    * prefetch one layer ahead, so the next layer's all-gather overlaps this layer's compute
+      (transformers' 0.9 h^2 is less than one MLP weight of 3.5 h^2);
+    * at most 3 layers gathered at once (the one computing, the one prefetched, one kept for
+      reuse); a fixed 1e9 elements is 4.6 layers of 8B but only 1.2 of 70B, too few to prefetch;
+    * keep a gathered weight if it is used again within one layer's worth of the trace (the last
+      layer across the forward/backward turnaround); beyond that the memory buys little traffic;
+    * parameters of at most r x 4h elements stay whole on every rank: every adapter matrix (the
+      largest is r x intermediate, 3.5h in Llama-3 8B/70B, 4h in Llama-3.2-1B) and the norms, but
+      no base weight (the smallest, k_proj, has h^2/4). Whole adapters are gathered once per
+      optimizer step instead of with their layer in every forward and backward;
+    * hpZ (``zero_hpz_partition_size``): the ranks of one node, so that after the first step the
+      frozen base is gathered inside a node only; 1 (off) on a single node.
+    """
+    layer = 13 * hidden_size * hidden_size
+    return {"reduce_bucket_size": hidden_size * hidden_size,  # a layer's adapter gradients in one bucket
+            "stage3_prefetch_bucket_size": layer,
+            "stage3_max_live_parameters": 3 * layer,
+            "stage3_max_reuse_distance": layer,
+            "stage3_param_persistence_threshold": rank * 4 * hidden_size,
+            "zero_hpz_partition_size": per_node if world_size > per_node else 1}
+
+
+def fill_ds_config(ds: dict, cfg: Config, world_size: int, hidden_size: int, path: str | Path,
+                   per_node: int | None = None) -> dict:
+    """Return a copy of ``ds`` with every "auto" resolved; raises ``UserError`` on conflicts.
+
+    ``per_node``: ranks per node (default: what the launcher set, else ``world_size``)."""
     ds = json.loads(json.dumps(ds))
     try:  # messages name the file that was read, also for a bare name
         path = resolve_ds_config(path)
@@ -102,10 +141,8 @@ def fill_ds_config(ds: dict, cfg: Config, world_size: int, hidden_size: int, pat
     for key, value in (("lr", t.lr), ("betas", list(t.adam_betas)), ("eps", 1e-8), ("weight_decay", t.weight_decay)):
         _fill(params, key, value, path, f"train config ({key})")
     zero = ds.setdefault("zero_optimization", {})
-    # Same heuristics as the transformers DeepSpeed integration, from the model's hidden size.
-    for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
-                       ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
-                       ("stage3_param_persistence_threshold", 10 * hidden_size)):
+    auto = zero3_auto_values(hidden_size, cfg.adapter.rank, world_size, per_node or ranks_per_node(world_size))
+    for key, value in auto.items():
         if zero.get(key) == AUTO:
             zero[key] = value
     ds.setdefault("steps_per_print", 10**9)  # we log ourselves

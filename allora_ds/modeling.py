@@ -109,8 +109,14 @@ def load_model(cfg: Config, ds_config: dict, verbose: bool = True):
     if mc.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (the base is frozen).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # With hpZ (zero_hpz_partition_size > 1) every zero.Init creates the intra-node group unless it
+    # is given one, and DeepSpeed refuses a second: reuse the one from_pretrained's zero.Init made.
+    from deepspeed.utils import groups
+
+    hpz = zero3 and int(ds_config["zero_optimization"].get("zero_hpz_partition_size", 1)) > 1
+    hpz_group = groups._get_zero_param_intra_parallel_group() if hpz else None
     try:
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3, zero_param_parallel_group=hpz_group):
             counts = inject_adapters(model, cfg.adapter.spec(), seed=cfg.train.seed, verbose=verbose)
     except ValueError as e:
         raise UserError(f"adapter.target_modules: {e}") from None
