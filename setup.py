@@ -41,6 +41,7 @@ setup(
             "allora-train=allora_ds.train:main",
             "allora-export=allora_ds.export:main",
             "allora-eval=allora_ds.commonsense_eval:main",
+            "allora-plan=allora_ds.plan:main",
         ]
     },
 )

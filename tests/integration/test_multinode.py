@@ -100,7 +100,8 @@ def test_launch_scripts_reject_inconsistent_launches(tmp_path, script, args, env
 # ---- the shipped DeepSpeed and example configs are what DeepSpeed and the trainer accept ----
 
 @pytest.mark.parametrize("config, hidden", [("configs/llama3_8b_allora.yaml", 4096), ("configs/llama3_70b_allora.yaml", 8192)])
-@pytest.mark.parametrize("ds", ["zero3_bf16.json", "zero3_offload_bf16.json", "zero2_bf16.json", "zero3_cpu.json"])
+@pytest.mark.parametrize("ds", ["zero3_bf16.json", "zero3_offload_bf16.json", "zero2_bf16.json", "zero3_cpu.json",
+                                "zero3_hpz_bf16.json"])
 def test_shipped_configs_are_accepted(config, hidden, ds):
     from deepspeed.runtime.config import DeepSpeedConfig
 

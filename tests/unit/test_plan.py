@@ -1,0 +1,152 @@
+"""allora-plan: its byte predictions against bench/comm.py's counted bytes, its memory against
+bench/memory.py, its recommendations against the shipped defaults, and its command line."""
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from allora_ds.plan import Cluster, Workload, main, model_states, plan
+from allora_ds.zero_comm import SHAPES, Shape, micro_batch_events, step_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "bench" / "results"
+
+
+def _bench_shape(d: dict) -> Shape:
+    return Shape(d["hidden"], d["intermediate"], d["layers"], d["heads"], d["kv_heads"], d["hidden"] // d["heads"],
+                 d["vocab"])
+
+
+@pytest.mark.parametrize("layout", [r["layout"] + f"@{r['world']}" for r in
+                                    json.loads((RESULTS / "comm.json").read_text())["layouts"]])
+def test_bytes_match_the_counted_bytes_of_bench_comm(layout):
+    """Every collective's bytes per step, as counted on 2 and 4 CPU ranks, within 5% (they are exact)."""
+    res = json.loads((RESULTS / "comm.json").read_text())
+    row = next(r for r in res["layouts"] if f"{r['layout']}@{r['world']}" == layout)
+    pred = step_bytes(_bench_shape(res["shape"]), res["shape"]["rank"], {"zero_optimization": row["zero_optimization"],
+                      "communication_data_type": "fp32"}, row["world"], res["gradient_accumulation_steps"],
+                      row["checkpointing"])
+    measured = {k: v["measured"] for k, v in row["bytes"].items()}
+    assert set(pred) == set(measured), f"{layout}: collectives {sorted(pred)} predicted, {sorted(measured)} counted"
+    for k, m in measured.items():
+        assert abs(pred[k] - m) <= 0.05 * m, f"{layout} {k}: predicted {pred[k]:,} bytes, counted {m:,}"
+
+
+def test_checkpointing_gathers_the_base_a_third_time_and_hpz_keeps_it_in_the_node():
+    """At Llama-3-8B scale over 16 GPUs: ZeRO-3 gathers ~1.75x the frozen base per micro-batch, ~2.5x
+    with checkpointing (forward, recomputation, backward; the first layer's q/k/v need no backward
+    without it); hpZ moves all but the LM head and the persistent parameters inside the node."""
+    s, world = SHAPES["llama3-8b"], 16
+    ds = _ds("zero3_bf16", s, Cluster(2, 8))
+    base = 2 * s.frozen_numel()
+    plain = step_bytes(s, 16, ds, world, 1, False)["all_gather@16"] / base
+    ckpt = step_bytes(s, 16, ds, world, 1, True)["all_gather@16"] / base
+    assert 1.6 < plain < 1.9 and 2.4 < ckpt < 2.6, (plain, ckpt)
+    hpz = step_bytes(s, 16, _ds("zero3_hpz_bf16", s, Cluster(2, 8)), world, 1, True)
+    head_and_persistent = 2 * (s.vocab * s.hidden + s.adapter_numel(16) + (2 * s.layers + 1) * s.hidden)
+    assert hpz["all_gather@16"] == pytest.approx(head_and_persistent, rel=1e-3)
+    assert hpz["all_gather@8"] > 2 * s.frozen_numel()
+
+
+def _ds(name, s, c, rank=16):
+    from allora_ds.plan import filled_config
+
+    return filled_config({"zero3_bf16": "zero3", "zero3_hpz_bf16": "zero3_hpz", "zero2_bf16": "zero2"}[name], s, c,
+                         Workload(2048, 1, rank=rank))
+
+
+def test_events_without_checkpointing_skip_the_first_layers_qkv_backward():
+    ev = micro_batch_events(SHAPES["llama3-8b"], checkpointing=False)
+    fetched_bwd = {e.module for e in ev if e.kind == "fetch" and not e.forward}
+    assert "model.layers.0.self_attn.q_proj.base_layer" not in fetched_bwd
+    assert "model.layers.1.self_attn.q_proj.base_layer" in fetched_bwd
+    assert "model.embed_tokens" not in fetched_bwd
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_model_states_match_bench_memory(world):
+    """bench/results/memory.json (Llama-3.2-1B shape, r 16, ZeRO-3 bf16) was measured with the
+    persistence threshold of its time, 10 h: the planner's model states match the bytes the ranks
+    hold (to 0.1%) and their resident memory after a step (within 15%)."""
+    res = json.loads((RESULTS / "memory.json").read_text())
+    ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 10 * 2048}}
+    pred = model_states(SHAPES["llama3.2-1b"], ds, world, res["adapter"]["rank"])
+    rank0 = res["per_rank"][str(world)][0]
+    acc = rank0["accounted"]
+    assert pred["base"] == pytest.approx(acc["base_params"], rel=1e-3)
+    assert pred["adapters"] == pytest.approx(acc["adapter_params"], rel=0.03)
+    assert pred["optimizer"] == pytest.approx(acc["optimizer"], rel=1e-3)
+    assert sum(pred.values()) == pytest.approx(rank0["rss_after_step"], rel=0.15)
+
+
+@functools.lru_cache(maxsize=None)  # the 70B replays take seconds: each case once
+def _recommended(model, nodes, rank=16, seq=2048, micro=1):
+    return plan(SHAPES[model], Cluster(nodes, 8, 80.0), Workload(seq, micro, rank=rank))["recommended"]
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 4])
+def test_8b_replicates_the_base(nodes):
+    best = _recommended("llama3-8b", nodes)
+    assert (best["layout"], best["checkpointing"]) == ("zero2", False), best["what"]
+
+
+@pytest.mark.parametrize("nodes, layout", [(1, "zero3"), (2, "zero3_hpz"), (4, "zero3_hpz")])
+def test_70b_partitions_within_a_node_across_nodes(nodes, layout):
+    best = _recommended("llama3-70b", nodes, rank=32)
+    assert (best["layout"], best["checkpointing"]) == (layout, True), best["what"]
+
+
+@pytest.mark.parametrize("config, model, nodes", [
+    ("llama3_8b_allora.yaml", "llama3-8b", 2),  # the sbatch default: 2 nodes x 8
+    ("llama3_70b_allora.yaml", "llama3-70b", 2),
+    ("llama3_8b_commonsense_r16.yaml", "llama3-8b", 1),  # one node of 8
+    ("llama3_8b_commonsense_r32.yaml", "llama3-8b", 1),
+])
+def test_shipped_configs_use_what_the_planner_recommends(config, model, nodes):
+    cfg = yaml.safe_load((REPO / "configs" / config).read_text())
+    best = _recommended(model, nodes, cfg["adapter"]["rank"], cfg["data"]["max_seq_len"], cfg["train"]["micro_batch_size"])
+    assert cfg["train"]["deepspeed"] == best["ds_config"], f"{config}: the planner recommends {best['ds_config']}"
+    assert cfg["model"]["gradient_checkpointing"] == best["checkpointing"], config
+
+
+def test_cli_prints_table_and_recommendation(capsys):
+    main(["--model", "llama3.2-1b", "--nodes", "1", "--gpus-per-node", "2", "--gpu-mem", "24", "--seq-len", "1024",
+          "--micro-batch", "2"])
+    out = capsys.readouterr().out
+    assert "Recommended:" in out and "allora-train CONFIG.yaml train.deepspeed=" in out
+    assert "hpZ" not in out  # one node: nothing to keep inside it
+
+
+def test_cli_reads_only_config_json_of_a_model_directory(tmp_path, capsys):
+    from allora_ds.tiny import tiny_llama_config
+
+    tiny_llama_config(512, hidden=64, layers=2).save_pretrained(tmp_path)  # config.json, no weights
+    main(["--model", str(tmp_path), "--nodes", "2", "--gpus-per-node", "2", "--seq-len", "64", "--micro-batch", "1",
+          "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert res["shape"]["hidden"] == 64 and res["shape"]["layers"] == 2
+    assert {r["layout"] for r in res["candidates"]} == {"zero2", "zero3", "zero3_hpz", "zero3_offload"}
+    assert res["recommended"]["fits"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "llama3-9b", "--nodes", "1", "--gpus-per-node", "8", "--seq-len", "2048", "--micro-batch", "1"],
+     "--model: 'llama3-9b' is neither one of llama3-8b"),
+    (["--model", "llama3-8b", "--nodes", "0", "--gpus-per-node", "8", "--seq-len", "2048", "--micro-batch", "1"],
+     "--nodes must be a positive integer, got 0"),
+    (["--model", "llama3-8b", "--nodes", "2", "--gpus-per-node", "8", "--micro-batch", "1"],
+     "the following arguments are required: --seq-len"),
+    (["--model", "llama3-8b", "--nodes", "two", "--gpus-per-node", "8", "--seq-len", "1", "--micro-batch", "1"],
+     "argument --nodes: invalid int value: 'two'"),
+    (["--model", "llama3-8b", "--nodes", "1", "--gpus-per-node", "8", "--seq-len", "1", "--micro-batch", "1",
+      "--mfu", "1.5"], "--mfu must be in (0, 1], got 1.5"),
+])
+def test_bad_input_is_one_line_naming_the_flag(argv, message, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
