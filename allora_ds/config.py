@@ -90,8 +90,8 @@ NONFINITE = ("stop", "skip")
 @dataclass
 class TrainConfig:
     output_dir: str = _f("runs/allora", "Run directory: metrics.jsonl, checkpoints/, ds_config.json, export/.")
-    deepspeed: str = _f("zero3_bf16", "DeepSpeed JSON: a path, or the name of a shipped config (zero3_bf16, zero3_cpu, "
-                        "zero3_offload_bf16, zero2_bf16); its \"auto\" values are filled from this config.")
+    deepspeed: str = _f("zero3_bf16", "DeepSpeed JSON: a path, or the name of a shipped config (zero3_bf16, zero3_hpz_bf16, "
+                        "zero3_cpu, zero3_offload_bf16, zero2_bf16); its \"auto\" values are filled from this config.")
     micro_batch_size: int = _f(1, "Sequences per rank per forward pass.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     lr: float = _f(1e-4, "Peak learning rate (the paper's base rate l_b; ALLoRA's effective rate at 0 is eta*lr).")
