@@ -208,9 +208,9 @@ def read_adapter_state(ckpt: Path) -> dict[str, torch.Tensor]:
     return load_file(path)
 
 
-def load(engine, ckpt: Path, rank: int) -> dict:
-    """Restore engine (adapters, optimizer, scheduler) and this rank's RNG; return the trainer state."""
-    state = read_trainer_state(ckpt)
+def load(engine, ckpt: Path, rank: int) -> None:
+    """Restore engine (adapters, optimizer, scheduler) and this rank's RNG. The trainer state is rank
+    0's, broadcast (train.decide_resume): this rank's view of ``trainer_state.json`` may be stale."""
     load_path, _ = engine.load_checkpoint(str(Path(ckpt) / DS_DIR), tag=DS_TAG, load_module_strict=False,
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
@@ -221,4 +221,3 @@ def load(engine, ckpt: Path, rank: int) -> dict:
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    return state

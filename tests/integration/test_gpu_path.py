@@ -72,18 +72,25 @@ def test_resume_is_decided_by_rank_zero_whatever_other_nodes_see(trained, tmp_pa
         cmd = [str(c) for c in ds]
         if k == 1:  # a private mount namespace in which the stale view covers the newest checkpoint
             cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                   'mount --bind "$0" "$1" && shift 2 && exec "$@"', str(stale_view), str(newest), *cmd]
-        return subprocess.Popen(cmd, env=test_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+                   'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", str(stale_view), str(newest), *cmd]
+        # Each node logs to a file: a pipe left unread while waiting on the other node fills and
+        # blocks that node inside a collective, and both hang.
+        with open(tmp_path / f"node-{k}.log", "w") as log:
+            return subprocess.Popen(cmd, env=test_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
     procs = [node(0), node(1)]
+    deadline = time.monotonic() + 300
     try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            if any(p.returncode not in (None, 0) for p in procs):
+                break  # one node failed: the other would wait for it until the collective timeout
+            time.sleep(1)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    logs = [(tmp_path / f"node-{k}.log").read_text() for k in (0, 1)]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     assert "resumed from" in logs[0] and "step-00000008 at step 8" in logs[0]
     steps = [r["step"] for r in read_metrics(out)]
