@@ -169,21 +169,19 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tiny_model,
 
 def test_sbatch_scripts_share_one_tested_body():
     """Only the 8B script runs above; the 70B one must differ from it only in its header
-    (#SBATCH lines, comments, default config) so that it is tested too."""
-    marker = "# ---- from here on identical in every launch/slurm/*.sbatch"
+    (#SBATCH lines, comments, default config) and run the same launch/slurm/job.sh, so that it is
+    tested too."""
+    source = 'source "$ALLORA_DIR/launch/slurm/job.sh"'
     scripts = sorted((REPO / "launch" / "slurm").glob("*.sbatch"))
     assert {s.name for s in scripts} >= {"llama3_8b_allora.sbatch", "llama3_70b_allora.sbatch"}
-    bodies = {}
     for s in scripts:
-        text = s.read_text()
-        assert marker in text, f"{s.name}: no '{marker}' line"
-        head, body = text.split(marker)
-        bodies[s.name] = body
+        head = s.read_text()
+        assert head.rstrip().endswith(source), f"{s.name}: does not end with '{source}'"
         for line in ("#SBATCH --requeue", "#SBATCH --ntasks-per-node=1", "#SBATCH --open-mode=append"):
             assert line in head, f"{s.name}: missing {line}"
         assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", head, re.M), f"{s.name}: no --signal=B:USR1@SECONDS"
         default = re.search(r"^DEFAULT_CONFIG=(\S+)$", head, re.M)
         assert default and (REPO / default.group(1)).is_file(), f"{s.name}: DEFAULT_CONFIG missing or not a file"
+    for s in [*scripts, REPO / "launch" / "slurm" / "job.sh"]:
         syntax = subprocess.run(["bash", "-n", s], capture_output=True, text=True)
         assert syntax.returncode == 0, f"{s.name}: {syntax.stderr}"
-    assert len(set(bodies.values())) == 1, f"the bodies of {sorted(bodies)} differ: keep them identical"
