@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from allora_ds.flops import full_numel
+
 METHODS = ("allora", "allora_od", "lora")
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -175,10 +177,6 @@ class AdapterLinear(nn.Module):
             delta = ALLoRAFunction.apply(xa, A, B, self.spec.eta, self.spec.method == "allora_od", self.diagnostics)
         return out + delta.to(out.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """``s * B A`` in fp32 (needs the adapter weights gathered under ZeRO-3)."""
-        return self.spec.scale * (self.lora_B.float() @ self.lora_A.float())
-
     def extra_repr(self) -> str:
         s = self.spec
         return f"method={s.method}, rank={s.rank}, eta={s.eta}, scale={s.scale:g}"
@@ -245,8 +243,8 @@ def inject_adapters(model: nn.Module, spec: AdapterSpec, seed: int = 0, verbose:
         gen = torch.Generator().manual_seed(adapter_seed(seed, name))
         setattr(parent, child, AdapterLinear(module, spec, generator=gen))
     counts = {
-        "trainable": sum(_numel(p) for p in model.parameters() if p.requires_grad),
-        "total": sum(_numel(p) for p in model.parameters()),
+        "trainable": sum(full_numel(p) for p in model.parameters() if p.requires_grad),
+        "total": sum(full_numel(p) for p in model.parameters()),
         "adapted_modules": len(found),
     }
     if verbose:
@@ -256,11 +254,6 @@ def inject_adapters(model: nn.Module, spec: AdapterSpec, seed: int = 0, verbose:
             f"trainable {counts['trainable']:,} / total {counts['total']:,} ({pct:.3f}%)"
         )
     return counts
-
-
-def _numel(p: torch.Tensor) -> int:
-    """Full element count, also for a ZeRO-3 partitioned parameter (whose .numel() is 0)."""
-    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def adapter_modules(model: nn.Module) -> dict[str, AdapterLinear]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from allora_ds.adapters import LLAMA_TARGETS, METHODS, AdapterSpec
@@ -32,7 +33,13 @@ def _f(default: Any, help: str, choices: tuple | None = None):
     return field(default=default, metadata=meta)
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = tuple(TORCH_DTYPES)
+
+
+def is_local_path(value: str) -> bool:
+    """Whether a model, tokenizer or data value is meant as a local path (not a hub id): ./, / or ~."""
+    return value.startswith((".", "/", "~"))
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from allora_ds.config import DataConfig
+from allora_ds.config import DataConfig, is_local_path
 from allora_ds.errors import UserError
 
 IGNORE = -100
@@ -58,7 +58,7 @@ def load_records(source: str, split: str, key: str):
             ds = datasets.load_dataset(builder, data_files=str(p), split="train")
         elif p.is_dir():
             ds = datasets.load_dataset(str(p), split=split)
-        elif source.startswith((".", "/", "~")) or p.suffix.lower() in FILE_BUILDERS:
+        elif is_local_path(source) or p.suffix.lower() in FILE_BUILDERS:
             raise UserError(f"{key}: {source} does not exist")
         else:
             ds = datasets.load_dataset(source, split=split)

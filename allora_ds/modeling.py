@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from allora_ds.adapters import inject_adapters
-from allora_ds.config import Config, ModelConfig
+from allora_ds.config import TORCH_DTYPES, Config, ModelConfig, is_local_path
 from allora_ds.errors import UserError
 from allora_ds.loss import install as install_chunked_loss
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Llama-3.1+ reserve this token for padding; older tokenizers fall back to eos (padding is masked anyway).
 LLAMA3_PAD = "<|finetune_right_pad_id|>"
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
@@ -20,7 +17,7 @@ FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
 def _source(path: str, what: str) -> str:
     """A local directory must exist and hold the file transformers needs; anything else is a hub id."""
     p = Path(path).expanduser()
-    if p.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1:
+    if p.exists() or is_local_path(path) or path.count("/") > 1:
         if not p.is_dir():
             raise UserError(f"{what}: {path} is not a directory (expected a Hugging Face model directory)")
         return str(p)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from allora_ds import checkpoint, faults, flops
 from allora_ds.adapters import scale_diagnostics
-from allora_ds.config import Config, load_config, save_config, schema_text
+from allora_ds.config import Config, is_local_path, load_config, save_config, schema_text
 from allora_ds.data import (
     IGNORE, check_fields, collate, epoch_order, example_lengths, label_count, load_records, micro_rounds, pack,
     rank_micro_batch, tokenize,
@@ -164,7 +164,7 @@ def setup(cfg: Config) -> Run:
     model_config = load_model_config(cfg.model)
     for key in ("train", "eval"):
         src = getattr(cfg.data, key)
-        if src and src.startswith((".", "/", "~")) and not Path(src).expanduser().exists():
+        if src and is_local_path(src) and not Path(src).expanduser().exists():
             raise UserError(f"data.{key}: {src} does not exist")
     check_launch_env()  # before init_distributed fills in a world of one
     check_build_locks()  # a stale JIT-build lock would make the first DeepSpeed op wait forever

@@ -76,7 +76,7 @@ def build_engine(cfg, shape: dict, world: int):
 
     from allora_ds.adapters import inject_adapters
     from allora_ds.ds_config import fill_ds_config, read_ds_config
-    from allora_ds.modeling import TORCH_DTYPES
+    from allora_ds.config import TORCH_DTYPES
 
     ds = fill_ds_config(read_ds_config(cfg.train.deepspeed), cfg, world, shape["hidden_size"], cfg.train.deepspeed)
     # torch's AdamW rather than DeepSpeed's FusedAdam, which a fresh machine would first compile (a
