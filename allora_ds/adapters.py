@@ -61,14 +61,14 @@ class _Diagnostics:
 
 
 class ALLoRAFunction(torch.autograd.Function):
-    """``B A x`` with ALLoRA's per-row (``od=False``) or per-token-and-row (``od=True``) gradient scale."""
+    """``B A x`` with ALLoRA's per-row (``output_dependent=False``) or per-token-and-row (``output_dependent=True``) gradient scale."""
 
     @staticmethod
-    def forward(ctx, x, A, B, eta: float, od: bool, diag: _Diagnostics):
+    def forward(ctx, x, A, B, eta: float, output_dependent: bool, diag: _Diagnostics):
         h = F.linear(x, A)  # [..., r]
         out = F.linear(h, B)  # [..., n_out]
         ctx.save_for_backward(x, h, A, B)
-        ctx.eta, ctx.od, ctx.diag = eta, od, diag
+        ctx.eta, ctx.output_dependent, ctx.diag = eta, output_dependent, diag
         return out
 
     @staticmethod
@@ -79,7 +79,7 @@ class ALLoRAFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # [T, n_in]
         h2 = h.reshape(-1, h.shape[-1])  # [T, r]
         need_x = ctx.needs_input_grad[0]
-        if not ctx.od:
+        if not ctx.output_dependent:
             c, norms = allora_row_scale(A, B, eta)
             ctx.diag.c, ctx.diag.norms = c, norms
             c = c.to(g.dtype)
@@ -206,9 +206,9 @@ def adapter_seed(seed: int, name: str) -> int:
 
 
 def _matches(name: str, targets: Iterable[str]) -> str | None:
-    for t in targets:
-        if name == t or name.endswith("." + t):
-            return t
+    for target in targets:
+        if name == target or name.endswith("." + target):
+            return target
     return None
 
 
@@ -225,15 +225,15 @@ def inject_adapters(model: nn.Module, spec: AdapterSpec, seed: int = 0, verbose:
     found: dict[str, nn.Module] = {}
     hit_targets: set[str] = set()
     for name, module in model.named_modules():
-        t = _matches(name, spec.target_modules)
-        if t is None:
+        target = _matches(name, spec.target_modules)
+        if target is None:
             continue
         if isinstance(module, AdapterLinear):
             raise ValueError(f"module {name!r} already has an adapter")
         if not isinstance(module, nn.Linear):
-            raise ValueError(f"target {t!r} matched {name!r}, a {type(module).__name__}, not an nn.Linear")
+            raise ValueError(f"target {target!r} matched {name!r}, a {type(module).__name__}, not an nn.Linear")
         found[name] = module
-        hit_targets.add(t)
+        hit_targets.add(target)
     missing = [t for t in spec.target_modules if t not in hit_targets]
     if missing:
         raise ValueError(f"adapter target(s) {', '.join(map(repr, missing))} match no module of {type(model).__name__}")

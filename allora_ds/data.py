@@ -217,7 +217,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def micro_rounds(n: int, micro: int, world: int) -> int:
+def rounds_per_epoch(n: int, micro: int, world: int) -> int:
     """Micro-batch rounds per epoch (each round: ``micro`` examples on every rank; the rest dropped)."""
     return n // (micro * world)
 

@@ -124,17 +124,17 @@ def export_merged(ckpt: Path, output: Path, base: str | None = None, dtype: str 
             with safe_open(str(base_dir / shard), framework="pt") as f:
                 meta = f.metadata() or {}
                 for key in f.keys():
-                    t = f.get_tensor(key)
+                    tensor = f.get_tensor(key)
                     if key in want:
                         A, B = pairs[want[key]]
-                        if t.shape != (B.shape[0], A.shape[1]):
+                        if tensor.shape != (B.shape[0], A.shape[1]):
                             raise UserError(f"adapter {want[key]} is {B.shape[0]}x{A.shape[1]} but base weight {key} "
-                                            f"is {tuple(t.shape)}: the checkpoint was trained on another base")
-                        t = merged_weight(t, A, B, scale)
+                                            f"is {tuple(tensor.shape)}: the checkpoint was trained on another base")
+                        tensor = merged_weight(tensor, A, B, scale)
                         merged.add(key)
-                    if dtype and t.is_floating_point():
-                        t = t.to(TORCH_DTYPES[dtype])
-                    tensors[key] = t.contiguous()
+                    if dtype and tensor.is_floating_point():
+                        tensor = tensor.to(TORCH_DTYPES[dtype])
+                    tensors[key] = tensor.contiguous()
             save_file(tensors, str(tmp / shard), metadata={**meta, "format": "pt"})
             del tensors
         missing = sorted(set(want) - merged)

@@ -35,24 +35,24 @@ from allora_ds import checkpoint, faults, flops
 from allora_ds.adapters import scale_diagnostics
 from allora_ds.config import Config, is_local_path, load_config, save_config, schema_text
 from allora_ds.data import (
-    IGNORE, check_fields, collate, epoch_order, example_lengths, label_count, load_records, micro_rounds, pack,
+    IGNORE, check_fields, collate, epoch_order, example_lengths, label_count, load_records, rounds_per_epoch, pack,
     rank_micro_batch, tokenize,
 )
 from allora_ds.ds_config import fill_ds_config, read_ds_config
-from allora_ds.errors import UserError, cli
+from allora_ds.errors import ReportedError, UserError, cli
 from allora_ds.extensions import check_build_locks
 from allora_ds.launch_env import check_launch_env
 from allora_ds.modeling import flat_batches, load_model, load_model_config, load_tokenizer
 
 
-class NonFiniteLoss(UserError):
+class NonFiniteLoss(ReportedError):
     """Raised under train.nonfinite=stop: the run ends (exit code 3), the last good checkpoint stays."""
 
     exit_code = 3
 
 
 @dataclass
-class Run:
+class TrainingRun:
     """Everything the loop needs, built by ``setup``."""
 
     cfg: Config
@@ -157,7 +157,7 @@ def prepare_data(cfg: Config, tokenizer, rank: int):
     return out
 
 
-def setup(cfg: Config) -> Run:
+def setup(cfg: Config) -> TrainingRun:
     out = Path(cfg.train.output_dir)
     # Check everything a user can get wrong before any process group or model exists.
     ds_raw = read_ds_config(cfg.train.deepspeed)
@@ -177,36 +177,36 @@ def setup(cfg: Config) -> Run:
     tokenizer = load_tokenizer(cfg.model)
     with local_main_first(local_rank):
         train_rows, eval_rows = prepare_data(cfg, tokenizer, rank)
-    t = cfg.train
-    rounds = micro_rounds(len(train_rows), t.micro_batch_size, world)
-    rounds -= rounds % t.gradient_accumulation_steps  # an optimizer step never spans two epochs
+    tc = cfg.train
+    rounds = rounds_per_epoch(len(train_rows), tc.micro_batch_size, world)
+    rounds -= rounds % tc.gradient_accumulation_steps  # an optimizer step never spans two epochs
     if rounds == 0:
         raise UserError(f"data.train: {len(train_rows)} examples are fewer than one global batch "
-                        f"({t.micro_batch_size} x {t.gradient_accumulation_steps} x {world} ranks)")
-    steps_per_epoch = rounds // t.gradient_accumulation_steps
-    total = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.epochs
+                        f"({tc.micro_batch_size} x {tc.gradient_accumulation_steps} x {world} ranks)")
+    steps_per_epoch = rounds // tc.gradient_accumulation_steps
+    total = tc.max_steps if tc.max_steps > 0 else steps_per_epoch * tc.epochs
 
     model, keepalive, counts = load_model(cfg, ds, verbose=rank == 0)
     import deepspeed
     from transformers import get_scheduler
 
-    sched = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
+    sched = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[tc.scheduler]
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds,
-        lr_scheduler=lambda opt: get_scheduler(sched, opt, num_warmup_steps=t.warmup_steps, num_training_steps=total),
+        lr_scheduler=lambda opt: get_scheduler(sched, opt, num_warmup_steps=tc.warmup_steps, num_training_steps=total),
     )
     # from_pretrained leaves the model in eval mode, where transformers skips gradient checkpointing
     # and dropout is off; evaluate() switches back to train mode, so the steps before it need this too.
     engine.train()
     torch.manual_seed(cfg.train.seed + rank)  # dropout masks differ across ranks
-    run = Run(cfg=cfg, out=out, rank=rank, world=world, engine=engine, tokenizer=tokenizer, train_rows=train_rows,
+    run = TrainingRun(cfg=cfg, out=out, rank=rank, world=world, engine=engine, tokenizer=tokenizer, train_rows=train_rows,
               eval_rows=eval_rows, rounds_per_epoch=rounds, total_steps=total, keepalive=[keepalive],
               label_counts=train_rows["n_labels"],
               flatten=flat_batches(model), flop_model=flops.flop_model(model), peak_tflops=peak_tflops(cfg),
               run_id=(state or {}).get("run_id") or uuid.uuid4().hex)
     if rank == 0:
         print(f"[allora_ds] {world} rank(s), {steps_per_epoch} steps/epoch, {total} steps, global batch "
-              f"{t.micro_batch_size * t.gradient_accumulation_steps * world} sequences", flush=True)
+              f"{tc.micro_batch_size * tc.gradient_accumulation_steps * world} sequences", flush=True)
     if ckpt is not None:
         checkpoint.load(engine, ckpt, rank)
         run.step, run.skipped_steps = state["step"], state.get("skipped_steps", 0)
@@ -317,20 +317,20 @@ class StepBatch:
     global_labels: int  # labelled tokens of the whole global batch (every rank, every micro-batch)
 
 
-def micro_batches(run: Run, step: int) -> StepBatch:
+def micro_batches(run: TrainingRun, step: int) -> StepBatch:
     """This rank's micro-batches of optimizer step ``step``: a pure function of seed and step.
 
     The global label count, which normalises the loss, is summed here from the data order over
     every rank's rows: each rank knows it without a collective.
     """
-    t = run.cfg.train
-    gas = t.gradient_accumulation_steps
+    tc = run.cfg.train
+    gas = tc.gradient_accumulation_steps
     epoch, first = divmod(step * gas, run.rounds_per_epoch)
-    order = epoch_order(len(run.train_rows), t.seed, epoch)
-    span = order[first * t.micro_batch_size * run.world: (first + gas) * t.micro_batch_size * run.world]
+    order = epoch_order(len(run.train_rows), tc.seed, epoch)
+    span = order[first * tc.micro_batch_size * run.world: (first + gas) * tc.micro_batch_size * run.world]
     batch = StepBatch([], 0, 0, sum(run.label_counts[i] for i in span))
     for k in range(gas):
-        rows = [run.train_rows[i] for i in rank_micro_batch(order, first + k, t.micro_batch_size, run.world, run.rank)]
+        rows = [run.train_rows[i] for i in rank_micro_batch(order, first + k, tc.micro_batch_size, run.world, run.rank)]
         batch.tokens += sum(len(r["input_ids"]) for r in rows)
         batch.causal_pairs += flops.causal_pairs(n for r in rows for n in example_lengths(r))
         batch.batches.append(collate(rows, run.tokenizer.pad_token_id, run.flatten))
@@ -343,12 +343,12 @@ def _to_device(batch: dict, device) -> dict:
 
 def all_reduce_sum(values: list, device) -> list[float]:
     """Sum a few numbers (floats or 0-d tensors) over ranks: one collective, one host sync."""
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
-    dist.all_reduce(t)
-    return t.tolist()
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    dist.all_reduce(stacked)
+    return stacked.tolist()
 
 
-def train_step(run: Run) -> tuple[torch.Tensor, StepBatch, bool]:
+def train_step(run: TrainingRun) -> tuple[torch.Tensor, StepBatch, bool]:
     """One optimizer step. Returns (this rank's share of the global mean loss, as a device tensor;
     the step's batch counts; whether the step was applied).
 
@@ -357,10 +357,10 @@ def train_step(run: Run) -> tuple[torch.Tensor, StepBatch, bool]:
     A CPU thread that waited on ``.item()`` per micro-batch could not run ahead and launch ZeRO-3's
     prefetches while the device computes.
     """
-    eng, t = run.engine, run.cfg.train
+    eng, tc = run.engine, run.cfg.train
     faults.at_step_start(run.step + 1)
     sb = micro_batches(run, run.step)
-    gas = t.gradient_accumulation_steps
+    gas = tc.gradient_accumulation_steps
     # DeepSpeed divides by the accumulation steps and averages over ranks; scaling each micro-batch's
     # summed loss by world*gas/N makes the applied gradient that of (sum of all token losses)/N.
     per_micro = max(sb.global_labels, 1) / (run.world * gas)
@@ -381,7 +381,7 @@ def train_step(run: Run) -> tuple[torch.Tensor, StepBatch, bool]:
     n_nonfinite, stop = flags.tolist()
     run.stop_requested = stop > 0
     if n_nonfinite:
-        if t.nonfinite == "stop":
+        if tc.nonfinite == "stop":
             raise NonFiniteLoss(f"non-finite loss at step {run.step + 1}; stopped (train.nonfinite=stop). "
                                 f"The last good checkpoint is kept in {run.out / checkpoint.CKPT_DIR}; "
                                 "lower train.lr or check the data, then resume")
@@ -400,7 +400,7 @@ def skip_step(engine) -> None:
     engine.micro_steps += 1
 
 
-def evaluate(run: Run) -> dict:
+def evaluate(run: TrainingRun) -> dict:
     """Token-mean loss and perplexity on the eval set, sharded over ranks."""
     eng, rows = run.engine, run.eval_rows
     micro = run.cfg.train.micro_batch_size
@@ -459,7 +459,7 @@ class MetricsLog:
                 self.tb.close()
 
 
-def save(run: Run) -> Path:
+def save(run: TrainingRun) -> Path:
     c = run.cfg
     state = {"step": run.step, "run_id": run.run_id,
              "epoch": run.step / (run.rounds_per_epoch // c.train.gradient_accumulation_steps),
@@ -494,7 +494,7 @@ class LogWindow:
         self.causal_pairs += sb.causal_pairs
         self.seconds += seconds
 
-    def record(self, run: Run) -> dict:
+    def record(self, run: TrainingRun) -> dict:
         """The window's metrics over all ranks (one collective)."""
         loss_sum, tokens, pairs = all_reduce_sum([self.loss, self.tokens, self.causal_pairs], run.engine.device)
         flop = run.flop_model.step_flops(tokens, pairs) if run.flop_model else 0.0
@@ -505,12 +505,12 @@ class LogWindow:
                 **({"mfu": u} if u is not None else {})}
 
 
-def fit(run: Run) -> dict:
+def fit(run: TrainingRun) -> dict:
     """The training loop; returns the last train/eval metrics."""
     from tqdm import tqdm
 
-    t = run.cfg.train
-    steps_per_epoch = run.rounds_per_epoch // t.gradient_accumulation_steps
+    tc = run.cfg.train
+    steps_per_epoch = run.rounds_per_epoch // tc.gradient_accumulation_steps
     run.log = MetricsLog(run.out, run.rank == 0)
     bar = tqdm(total=run.total_steps, initial=run.step, disable=run.rank != 0, desc="train", dynamic_ncols=True)
     last: dict = {}
@@ -523,7 +523,7 @@ def fit(run: Run) -> dict:
             run.step += 1
             run.skipped_steps += not applied
             bar.update(1)
-            if run.step % t.log_steps == 0 or run.step == run.total_steps:
+            if run.step % tc.log_steps == 0 or run.step == run.total_steps:
                 rec = {"kind": "train", "step": run.step, "epoch": round(run.step / steps_per_epoch, 4),
                        **window.record(run), "lr": run.engine.get_lr()[0],
                        "grad_norm": _float(run.engine.get_global_grad_norm()), "skipped_steps": run.skipped_steps,
@@ -534,7 +534,7 @@ def fit(run: Run) -> dict:
                                 **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
                 last.update(rec)
                 window = LogWindow()
-            if run.eval_rows is not None and t.eval_steps and run.step % t.eval_steps == 0 and run.step < run.total_steps:
+            if run.eval_rows is not None and tc.eval_steps and run.step % tc.eval_steps == 0 and run.step < run.total_steps:
                 last.update(_log_eval(run))
             if run.stop_requested:
                 path = save(run)
@@ -542,7 +542,7 @@ def fit(run: Run) -> dict:
                     print(f"\n[allora_ds] stop signal received: saved {path} at step {run.step}; "
                           f"run the same command again to resume (train.resume=auto)", flush=True)
                 return {**last, "stopped": True}
-            if t.save_steps and run.step % t.save_steps == 0 and run.step < run.total_steps:
+            if tc.save_steps and run.step % tc.save_steps == 0 and run.step < run.total_steps:
                 save(run)
     finally:
         bar.close()
@@ -553,7 +553,7 @@ def fit(run: Run) -> dict:
     return last
 
 
-def _log_eval(run: Run) -> dict:
+def _log_eval(run: TrainingRun) -> dict:
     rec = {"kind": "eval", "step": run.step, **evaluate(run)}
     run.log.write(rec)
     if run.rank == 0:
@@ -604,7 +604,7 @@ def parse_args(argv):
 
 
 def train(cfg: Config) -> dict:
-    """Run a whole finetune (setup -> fit -> export); returns the final metrics."""
+    """TrainingRun a whole finetune (setup -> fit -> export); returns the final metrics."""
     stop_signal = install_stop_handlers()
     run = setup(cfg)
     run.stop_signal = stop_signal

@@ -126,7 +126,7 @@ def measure(method: str, args, shape: dict, ds_path: Path, dtype: str, out_dir: 
 
     from allora_ds import flops
     from allora_ds.modeling import flat_batches
-    from allora_ds.train import Run, train_step
+    from allora_ds.train import TrainingRun, train_step
 
     t0 = time.perf_counter()
     total = args.warmup + args.steps
@@ -139,7 +139,7 @@ def measure(method: str, args, shape: dict, ds_path: Path, dtype: str, out_dir: 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         rows = random_rows(total, args.seq_len, shape["vocab_size"], seed=1, example_len=example_len)
-        run = Run(cfg=cfg, out=out_dir, rank=0, world=1, engine=engine, tokenizer=SimpleNamespace(pad_token_id=0),
+        run = TrainingRun(cfg=cfg, out=out_dir, rank=0, world=1, engine=engine, tokenizer=SimpleNamespace(pad_token_id=0),
                   train_rows=rows, eval_rows=None, rounds_per_epoch=len(rows), total_steps=total,
                   label_counts=[r["n_labels"] for r in rows], flatten=flat_batches(engine.module),
                   flop_model=flops.flop_model(engine.module),

@@ -7,7 +7,7 @@ import torch
 
 from allora_ds.config import DataConfig
 from allora_ds.data import (
-    IGNORE, check_fields, collate, epoch_order, load_records, micro_rounds, pack, rank_micro_batch, tokenize,
+    IGNORE, check_fields, collate, epoch_order, load_records, rounds_per_epoch, pack, rank_micro_batch, tokenize,
 )
 from allora_ds.errors import UserError
 
@@ -122,7 +122,7 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model):
 def test_data_order_is_a_function_of_seed_and_epoch_and_ranks_partition_it():
     assert epoch_order(50, 1, 0) == epoch_order(50, 1, 0) != epoch_order(50, 1, 1)
     order = epoch_order(50, 1, 0)
-    rounds = micro_rounds(50, micro=4, world=3)
+    rounds = rounds_per_epoch(50, micro=4, world=3)
     assert rounds == 4
     seen = [i for r in range(rounds) for k in range(3) for i in rank_micro_batch(order, r, 4, 3, k)]
     assert len(seen) == len(set(seen)) == 48
