@@ -78,7 +78,7 @@ def save(engine, run_dir: Path, step: int, trainer_state: dict, keep_last: int, 
 
     ``trainer_state["run_id"]`` names the run: pruning only ever deletes checkpoints that carry it.
     """
-    from allora_ds import faults
+    from allora_ds._testing import faults
 
     root = run_dir / CKPT_DIR
     final = root / step_dir_name(step)

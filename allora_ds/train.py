@@ -19,7 +19,6 @@ import json
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -31,13 +30,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from allora_ds import checkpoint, faults, flops
+from allora_ds import checkpoint, flops
+from allora_ds._testing import faults
 from allora_ds.adapters import scale_diagnostics
 from allora_ds.config import Config, is_local_path, load_config, save_config, schema_text
 from allora_ds.data import (
     IGNORE, check_fields, collate, epoch_order, example_lengths, label_count, load_records, rounds_per_epoch, pack,
     rank_micro_batch, tokenize,
 )
+from allora_ds.distributed import free_port
 from allora_ds.ds_config import fill_ds_config, read_ds_config
 from allora_ds.errors import ReportedError, UserError, cli
 from allora_ds.extensions import check_build_locks
@@ -93,11 +94,8 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, int]:
     import deepspeed
 
     if "RANK" not in os.environ:  # plain `python -m allora_ds.train`: a world of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     deepspeed.init_distributed(dist_init_required=True, timeout=datetime.timedelta(minutes=timeout_minutes))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

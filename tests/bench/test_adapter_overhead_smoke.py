@@ -3,7 +3,7 @@
 import json
 import math
 
-from tests.conftest import BIN, REPO, run
+from tests.helpers import BIN, REPO, run
 
 
 def test_adapter_overhead_quick(tmp_path):

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, run
+from tests.helpers import REPO, run
 
 
 def _positive(x) -> bool:

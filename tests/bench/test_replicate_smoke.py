@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from bench.replicate import METHODS, OPTIMIZERS, QUICK
-from tests.conftest import REPO, run
+from tests.helpers import REPO, run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, run, train_cmd, write_config
+from tests.helpers import BIN, run, train_cmd, write_config
 
 
 def _digest(d: Path) -> dict:

@@ -9,7 +9,7 @@ import pytest
 
 from allora_ds.commonsense_eval import PREDICTIONS_FILE, RESULTS_FILE, main
 from allora_ds.commonsense_synth import CHANCE, SETS, finetune_tiny, write_synthetic
-from tests.conftest import deepspeed_cmd, run
+from tests.helpers import deepspeed_cmd, run
 
 
 @pytest.fixture(scope="module")

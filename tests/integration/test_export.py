@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import BIN, REPO, deepspeed_cmd, run
+from tests.helpers import BIN, REPO, deepspeed_cmd, run
 
 WORKER = REPO / "tests" / "integration" / "logits_worker.py"
 

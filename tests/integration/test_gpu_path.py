@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import BIN, REPO, deepspeed_cmd, free_port, read_metrics, run, test_env, train_cmd, write_config
+from tests.helpers import BIN, REPO, deepspeed_cmd, free_port, read_metrics, run, test_env, train_cmd, write_config
 
 PROBE = REPO / "tests" / "integration" / "trainer_probe_worker.py"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ASSETS, BIN, REPO, free_port, read_metrics, run, test_env
+from tests.helpers import ASSETS, BIN, REPO, free_port, read_metrics, run, test_env
 
 
 def _source_copy(dest: Path) -> Path:

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import ASSETS, read_metrics, run, train_cmd, write_config
+from tests.helpers import ASSETS, read_metrics, run, train_cmd, write_config
 from tests.llama3 import EOS_ID, EOT_ID
 
 STEPS = 2

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import BIN, REPO, deepspeed_cmd, run
+from tests.helpers import BIN, REPO, deepspeed_cmd, run
 
 WORKER = REPO / "tests" / "integration" / "loss_equivalence_worker.py"
 RTOL = 1e-5

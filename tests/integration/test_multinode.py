@@ -17,7 +17,7 @@ import pytest
 
 from tests.cluster.helpers import NETNS, STEPS, TIMEOUT, assert_same_training, final_checkpoint, is_root, \
     reference_run, run_together
-from tests.conftest import REPO, free_port, read_metrics, test_env
+from tests.helpers import REPO, free_port, read_metrics, test_env
 
 
 @contextlib.contextmanager

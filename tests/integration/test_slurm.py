@@ -25,7 +25,7 @@ import pytest
 
 from tests.cluster.helpers import LOCAL_SLURM, STEPS, TIMEOUT, assert_same_training, final_checkpoint, is_root, \
     reference_run, tail
-from tests.conftest import REPO, read_metrics, test_env, write_config
+from tests.helpers import REPO, read_metrics, test_env, write_config
 
 SBATCH = REPO / "launch" / "slurm" / "llama3_8b_allora.sbatch"
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",

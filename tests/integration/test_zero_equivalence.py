@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import BIN, REPO, deepspeed_cmd, run
+from tests.helpers import BIN, REPO, deepspeed_cmd, run
 
 WORKER = REPO / "tests" / "integration" / "adapter_equivalence_worker.py"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import BIN, REPO, run
+from tests.helpers import BIN, REPO, run
 
 WORKER = REPO / "tests" / "integration" / "zero_init_worker.py"
 
