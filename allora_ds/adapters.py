@@ -18,9 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from allora_ds.fields import documented
 from allora_ds.flops import full_numel
 
-METHODS = ("allora", "allora_od", "lora")
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -103,37 +103,116 @@ class ALLoRAFunction(torch.autograd.Function):
         return grad_x, grad_A, grad_B, None, None, None
 
 
+class AdapterMethod:
+    """How one adapter method trains and scales the ``B A x`` path.
+
+    A new method is one subclass here and one entry in ``METHODS``: config choices, validation,
+    forward, merge scale and export all read it from there.
+    """
+
+    uses_dropout = False  # whether adapter.dropout applies to the method
+
+    def scale(self, spec: AdapterSpec) -> float:
+        """Factor on ``B A`` in forward and merge."""
+        return 1.0
+
+    def check(self, spec: AdapterSpec) -> None:
+        """Raise ``AdapterSpecError`` for a hyper-parameter this method cannot use."""
+
+    def delta(self, layer: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
+        """The adapter path's output for input ``x`` (already in the adapter's dtype)."""
+        raise NotImplementedError
+
+
+class ALLoRA(AdapterMethod):
+    """The paper's rule: the gradient of row i is scaled by ``1/sqrt(||(BA)_i|| + 1/eta^2)``."""
+
+    output_dependent = False
+
+    def delta(self, layer: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
+        return ALLoRAFunction.apply(x, layer.lora_A, layer.lora_B, layer.spec.eta, self.output_dependent,
+                                    layer.diagnostics)
+
+
+class ALLoRAOutputDependent(ALLoRA):
+    """ALLoRA with the scale taken per token from the adapter's own output ``|f(x)_i|``."""
+
+    output_dependent = True
+
+
+class LoRA(AdapterMethod):
+    """PEFT-style LoRA: ``alpha/r * B A x`` with optional input dropout."""
+
+    uses_dropout = True
+
+    def scale(self, spec: AdapterSpec) -> float:
+        return spec.alpha / spec.rank
+
+    def check(self, spec: AdapterSpec) -> None:
+        if not spec.alpha > 0:
+            raise AdapterSpecError("alpha", f"alpha must be > 0 for lora, got {spec.alpha!r}")
+
+    def delta(self, layer: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
+        # The scale on the rank-r intermediate: r columns, not n_out.
+        return F.linear(F.linear(layer.dropout(x), layer.lora_A) * layer.spec.scale, layer.lora_B)
+
+
+METHODS: dict[str, AdapterMethod] = {"allora": ALLoRA(), "allora_od": ALLoRAOutputDependent(), "lora": LoRA()}
+
+
+class AdapterSpecError(ValueError):
+    """A bad adapter hyper-parameter; ``field`` names it, ``detail`` says what is wrong with it."""
+
+    def __init__(self, field: str, detail: str):
+        super().__init__(f"adapter {detail}")
+        self.field, self.detail = field, detail
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
-    """What to inject: method and its hyper-parameters (validated on construction)."""
+    """The adapter hyper-parameters (the config's ``adapter`` section), validated on construction."""
 
-    method: str = "allora"
-    rank: int = 16
-    eta: float = 2.0
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = LLAMA_TARGETS
+    method: str = documented("allora", "allora (paper's rule), lora (PEFT-style baseline) or allora_od "
+                                       "(output-dependent variant).", tuple(METHODS))
+    rank: int = documented(16, "Adapter rank r.")
+    eta: float = documented(2.0, "ALLoRA's eta: scale 1/sqrt(||(BA)_i|| + 1/eta^2); equals eta while a row is zero.")
+    alpha: float = documented(32.0, "LoRA only: output scale alpha/r.")
+    dropout: float = documented(0.0, "LoRA only: dropout on the adapter input (ALLoRA uses none).")
+    target_modules: list[str] = documented(list(LLAMA_TARGETS), "Names of the nn.Linear modules that get adapters.")
 
     def __post_init__(self) -> None:
+        # A list, as YAML, JSON and the saved config hold it, whatever sequence the caller passed.
+        object.__setattr__(self, "target_modules", list(self.target_modules))
         if self.method not in METHODS:
-            raise ValueError(f"adapter method {self.method!r} is not one of {', '.join(METHODS)}")
+            raise AdapterSpecError("method", f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"adapter rank must be a positive integer, got {self.rank!r}")
+            raise AdapterSpecError("rank", f"rank must be a positive integer, got {self.rank!r}")
         if not self.eta > 0:
-            raise ValueError(f"adapter eta must be > 0, got {self.eta!r}")
-        if self.method == "lora" and not self.alpha > 0:
-            raise ValueError(f"adapter alpha must be > 0 for lora, got {self.alpha!r}")
+            raise AdapterSpecError("eta", f"eta must be > 0, got {self.eta!r}")
+        self.rule.check(self)
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"adapter dropout must be in [0, 1), got {self.dropout!r}")
-        if self.dropout and self.method != "lora":
-            raise ValueError(f"adapter dropout applies to lora only; {self.method} uses none (got {self.dropout})")
+            raise AdapterSpecError("dropout", f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.dropout and not self.rule.uses_dropout:
+            with_dropout = ", ".join(name for name, m in METHODS.items() if m.uses_dropout)
+            raise AdapterSpecError("dropout", f"dropout applies to {with_dropout} only; {self.method} uses none "
+                                              f"(got {self.dropout})")
         if not self.target_modules:
-            raise ValueError("adapter target_modules is empty")
+            raise AdapterSpecError("target_modules", "target_modules is empty")
+
+    @property
+    def rule(self) -> AdapterMethod:
+        """The method's training rule and scale."""
+        return METHODS[self.method]
 
     @property
     def scale(self) -> float:
         """Factor on ``B A`` in forward and merge: ``alpha/r`` for LoRA, 1 for ALLoRA."""
-        return self.alpha / self.rank if self.method == "lora" else 1.0
+        return self.rule.scale(self)
+
+    def checkpoint_record(self) -> dict:
+        """What a checkpoint's trainer state records about its adapters (export reads scale, rank, targets)."""
+        return {"method": self.method, "rank": self.rank, "eta": self.eta, "alpha": self.alpha, "scale": self.scale,
+                "target_modules": list(self.target_modules)}
 
 
 class AdapterLinear(nn.Module):
@@ -169,12 +248,7 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        A, B = self.lora_A, self.lora_B
-        xa = x.to(A.dtype)
-        if self.spec.method == "lora":  # the scale on the rank-r intermediate: r columns, not n_out
-            delta = F.linear(F.linear(self.dropout(xa), A) * self.spec.scale, B)
-        else:
-            delta = ALLoRAFunction.apply(xa, A, B, self.spec.eta, self.spec.method == "allora_od", self.diagnostics)
+        delta = self.spec.rule.delta(self, x.to(self.lora_A.dtype))
         return out + delta.to(out.dtype)
 
     def extra_repr(self) -> str:

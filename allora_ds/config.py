@@ -17,20 +17,9 @@ from typing import Any
 import torch
 import yaml
 
-from allora_ds.adapters import LLAMA_TARGETS, METHODS, AdapterSpec
+from allora_ds.adapters import AdapterSpec, AdapterSpecError
 from allora_ds.errors import UserError
-
-REQUIRED = object()
-
-
-def documented(default: Any, help: str, choices: tuple | None = None):
-    """A documented field; ``REQUIRED`` marks one without default."""
-    meta = {"help": help, "choices": choices}
-    if default is REQUIRED:
-        return field(default=None, metadata={**meta, "required": True})
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+from allora_ds.fields import REQUIRED, documented
 
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,23 +40,6 @@ class ModelConfig:
     attn_implementation: str | None = documented(None, "transformers attention backend (sdpa, eager, flash_attention_2); None = default.")
     trust_remote_code: bool = documented(False, "Allow model code from the hub repository to run. Off unless you trust it.")
     revision: str | None = documented(None, "Hub revision (branch, tag or commit) of model.path.")
-
-
-@dataclass
-class AdapterConfig:
-    method: str = documented("allora", "allora (paper's rule), lora (PEFT-style baseline) or allora_od (output-dependent variant).", METHODS)
-    rank: int = documented(16, "Adapter rank r.")
-    eta: float = documented(2.0, "ALLoRA's eta: scale 1/sqrt(||(BA)_i|| + 1/eta^2); equals eta while a row is zero.")
-    alpha: float = documented(32.0, "LoRA only: output scale alpha/r.")
-    dropout: float = documented(0.0, "LoRA only: dropout on the adapter input (ALLoRA uses none).")
-    target_modules: list[str] = documented(list(LLAMA_TARGETS), "Names of the nn.Linear modules that get adapters.")
-
-    def spec(self) -> AdapterSpec:
-        try:
-            return AdapterSpec(method=self.method, rank=self.rank, eta=self.eta, alpha=self.alpha,
-                               dropout=self.dropout, target_modules=tuple(self.target_modules))
-        except ValueError as e:
-            raise UserError(f"adapter: {e}") from None
 
 
 FORMATS = ("alpaca", "chat", "text")
@@ -140,7 +112,7 @@ class ExportConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    adapter: AdapterSpec = field(default_factory=AdapterSpec)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -149,7 +121,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"model": ModelConfig, "adapter": AdapterConfig, "data": DataConfig, "train": TrainConfig,
+SECTIONS = {"model": ModelConfig, "adapter": AdapterSpec, "data": DataConfig, "train": TrainConfig,
             "export": ExportConfig}
 
 
@@ -300,7 +272,11 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
             if choices and v not in choices:
                 raise UserError(f"{where}: {v!r} is not one of {', '.join(str(c) for c in choices)}")
             kwargs[name] = v
-        sections[sec] = cls(**kwargs)
+        try:
+            sections[sec] = cls(**kwargs)
+        except AdapterSpecError as e:
+            key = f"adapter.{e.field}"
+            raise UserError(f"{origins.get(key, source)}: {key}: {e.detail}") from None
     cfg = Config(**sections)
     _validate(cfg, lambda key: origins.get(key, source))
     return cfg
@@ -343,12 +319,6 @@ def _validate(cfg: Config, origin) -> None:
         bad("train.peak_tflops", f"must be >= 0, got {cfg.train.peak_tflops}")
     if cfg.data.num_proc < 1:
         bad("data.num_proc", f"must be >= 1, got {cfg.data.num_proc}")
-    try:
-        cfg.adapter.spec()
-    except UserError as e:
-        key = next((f"adapter.{k}" for k in ("rank", "eta", "alpha", "dropout", "method", "target_modules")
-                    if k in str(e)), "adapter")
-        bad(key, str(e).removeprefix("adapter: ").removeprefix("adapter "))
 
 
 def schema_text() -> str:

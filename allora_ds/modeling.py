@@ -114,7 +114,7 @@ def load_model(cfg: Config, ds_config: dict, verbose: bool = True):
     hpz_group = groups._get_zero_param_intra_parallel_group() if hpz else None
     try:
         with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3, zero_param_parallel_group=hpz_group):
-            counts = inject_adapters(model, cfg.adapter.spec(), seed=cfg.train.seed, verbose=verbose)
+            counts = inject_adapters(model, cfg.adapter, seed=cfg.train.seed, verbose=verbose)
     except ValueError as e:
         raise UserError(f"adapter.target_modules: {e}") from None
     if cfg.train.chunked_loss:  # after the adapters: an adapter on lm_head keeps transformers' loss

@@ -462,9 +462,7 @@ def save(run: TrainingRun) -> Path:
     state = {"step": run.step, "run_id": run.run_id,
              "epoch": run.step / (run.rounds_per_epoch // c.train.gradient_accumulation_steps),
              "skipped_steps": run.skipped_steps, "world_size": run.world, "config": c.to_dict(),
-             "adapter": {"method": c.adapter.method, "rank": c.adapter.rank, "eta": c.adapter.eta,
-                         "alpha": c.adapter.alpha, "scale": c.adapter.spec().scale,
-                         "target_modules": list(c.adapter.target_modules)}}
+             "adapter": c.adapter.checkpoint_record()}
     return checkpoint.save(run.engine, run.out, run.step, state, c.train.keep_last, run.rank)
 
 

@@ -88,7 +88,7 @@ def build_engine(cfg, shape: dict, world: int):
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with deepspeed.zero.Init(config_dict_or_path=ds):
-        counts = inject_adapters(model, cfg.adapter.spec(), seed=cfg.train.seed, verbose=False)
+        counts = inject_adapters(model, cfg.adapter, seed=cfg.train.seed, verbose=False)
     if cfg.train.chunked_loss:
         from allora_ds.loss import install
 

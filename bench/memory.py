@@ -175,7 +175,7 @@ def worker(args) -> None:
     model = AutoModelForCausalLM.from_config(llama_config(shape), dtype=torch.bfloat16)
     model.config.use_cache = False
     with deepspeed.zero.Init(config_dict_or_path=ds):
-        inject_adapters(model, cfg.adapter.spec(), seed=0, verbose=rank == 0)
+        inject_adapters(model, cfg.adapter, seed=0, verbose=rank == 0)
     peaks["build"] = hwm_bytes() - before
     built = settle()
 
