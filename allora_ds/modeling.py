@@ -78,8 +78,11 @@ def stop_token_ids(tok, data_format: str) -> list[int]:
     return ids
 
 
-def load_model(cfg: Config, ds_config: dict, verbose: bool = True):
+def load_model(cfg: Config, ds_config: dict, verbose: bool = True, architecture=None):
     """Base model from ``cfg.model`` with adapters from ``cfg.adapter`` injected.
+
+    ``architecture``: a ``PretrainedConfig`` to build with random weights instead of loading
+    ``model.path`` (the benchmarks' models, which have no checkpoint).
 
     Under ZeRO-3 transformers creates the model inside ``deepspeed.zero.Init`` (because an
     ``HfDeepSpeedConfig`` is alive) so every rank holds only its partition from the start, and
@@ -97,7 +100,11 @@ def load_model(cfg: Config, ds_config: dict, verbose: bool = True):
     if mc.attn_implementation:
         kwargs["attn_implementation"] = mc.attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(_source(mc.path, "model.path"), **kwargs)
+        if architecture is not None:
+            model = AutoModelForCausalLM.from_config(architecture, dtype=kwargs["dtype"],
+                                                     attn_implementation=mc.attn_implementation)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(_source(mc.path, "model.path"), **kwargs)
     except ImportError as e:  # e.g. flash_attention_2 without the flash-attn package
         raise UserError(f"model.attn_implementation: {mc.attn_implementation}: {str(e).splitlines()[0]}") from None
     except (OSError, ValueError) as e:
@@ -122,6 +129,24 @@ def load_model(cfg: Config, ds_config: dict, verbose: bool = True):
         if reason and verbose:
             print(f"[allora_ds] train.chunked_loss: keeping transformers' loss: {reason}", flush=True)
     return model, keepalive, counts
+
+
+def build_engine(cfg: Config, ds_config: dict, model, total_steps: int):
+    """The DeepSpeed engine over ``model``'s trainable parameters, with the config's LR schedule."""
+    import deepspeed
+    from transformers import get_scheduler
+
+    tc = cfg.train
+    sched = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[tc.scheduler]
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+        lr_scheduler=lambda opt: get_scheduler(sched, opt, num_warmup_steps=tc.warmup_steps,
+                                               num_training_steps=total_steps),
+    )
+    # from_pretrained leaves the model in eval mode, where transformers skips gradient checkpointing
+    # and dropout is off; evaluate() switches back to train mode, so the steps before it need this too.
+    engine.train()
+    return engine
 
 
 def flat_batches(model) -> bool:

@@ -84,7 +84,7 @@ def remove_shm_buffers(port) -> None:
 
     Every rank creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (66 MB) at
     ``init_distributed`` and never unlinks it, so each CPU run would leave RAM behind for good.
-    The allora_ds trainer releases its own (``allora_ds.train.release_cpu_allreduce_buffer``);
+    The allora_ds trainer releases its own (``allora_ds.distributed.release_cpu_allreduce_buffer``);
     this catches the HF baseline's and those of a job that died before it got there.
     """
     for f in cpu_allreduce_buffers(port):
