@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from allora_ds import log
 from allora_ds.fields import documented
 from allora_ds.flops import full_numel
 
@@ -323,10 +324,8 @@ def inject_adapters(model: nn.Module, spec: AdapterSpec, seed: int = 0, verbose:
     }
     if verbose:
         pct = 100.0 * counts["trainable"] / max(counts["total"], 1)
-        print(
-            f"[allora_ds] {spec.method} r={spec.rank} on {len(found)} modules: "
-            f"trainable {counts['trainable']:,} / total {counts['total']:,} ({pct:.3f}%)"
-        )
+        log.info(f"{spec.method} r={spec.rank} on {len(found)} modules: "
+                 f"trainable {counts['trainable']:,} / total {counts['total']:,} ({pct:.3f}%)", every_rank=True)
     return counts
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from allora_ds import log
 from allora_ds.config import Config
 from allora_ds.errors import UserError
 
@@ -249,7 +250,7 @@ def decide_resume(cfg: Config, out: Path, rank: int, world: int) -> tuple[Path |
         try:
             ckpt, notes = resolve_resume(cfg.train.resume, out)
             for n in notes:
-                print(f"[allora_ds] {n}", flush=True)
+                log.info(n)
             if ckpt is not None:  # refuse an incompatible resume before loading anything big
                 state = read_trainer_state(ckpt)
                 check_resume_compatible(cfg, state, ckpt, world)

@@ -149,7 +149,7 @@ class DataStats:
     label_tokens: int = 0
 
     def describe(self, name: str, max_len: int) -> str:
-        return (f"[allora_ds] {name}: {self.examples} examples, {self.tokens:,} tokens ({self.label_tokens:,} with loss); "
+        return (f"{name}: {self.examples} examples, {self.tokens:,} tokens ({self.label_tokens:,} with loss); "
                 f"{self.truncated} truncated to {max_len} tokens, {self.dropped} dropped (no response left)")
 
 

@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from allora_ds import log
 from allora_ds.adapters import merged_weight
 from allora_ds.checkpoint import DS_DIR, DS_TAG, is_complete, read_adapter_state, read_trainer_state
 from allora_ds.config import TORCH_DTYPES, is_local_path
@@ -233,7 +234,7 @@ def export_run(cfg, ckpt: Path) -> dict[str, Path]:
     if cfg.export.adapter:
         done["adapter"] = export_adapter(ckpt, root / "adapter", overwrite=True)
     for kind, path in done.items():
-        print(f"[allora_ds] exported {kind}: {path}", flush=True)
+        log.info(f"exported {kind}: {path}", every_rank=True)
     return done
 
 

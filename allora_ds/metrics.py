@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from allora_ds import flops
+from allora_ds import flops, log
 from allora_ds.config import Config
 from allora_ds.distributed import all_reduce_sum
 
@@ -91,6 +90,6 @@ def peak_tflops(cfg: Config) -> float | None:
         return None
     name = torch.cuda.get_device_name()
     peak = flops.peak_tflops(name)
-    if peak is None and dist.get_rank() == 0:
-        print(f"[allora_ds] no datasheet peak for {name!r}: MFU is not reported; set train.peak_tflops", flush=True)
+    if peak is None:
+        log.info(f"no datasheet peak for {name!r}: MFU is not reported; set train.peak_tflops")
     return peak

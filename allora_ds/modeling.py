@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from allora_ds import log
 from allora_ds.adapters import inject_adapters
 from allora_ds.config import TORCH_DTYPES, Config, ModelConfig, is_local_path
 from allora_ds.errors import UserError
@@ -127,7 +128,7 @@ def load_model(cfg: Config, ds_config: dict, verbose: bool = True, architecture=
     if cfg.train.chunked_loss:  # after the adapters: an adapter on lm_head keeps transformers' loss
         reason = install_chunked_loss(model)
         if reason and verbose:
-            print(f"[allora_ds] train.chunked_loss: keeping transformers' loss: {reason}", flush=True)
+            log.info(f"train.chunked_loss: keeping transformers' loss: {reason}", every_rank=True)
     return model, keepalive, counts
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from allora_ds import checkpoint, flops
+from allora_ds import checkpoint, flops, log
 from allora_ds._testing import faults
 from allora_ds.adapters import scale_diagnostics
 from allora_ds.config import Config, is_local_path, load_config, save_config, schema_text
@@ -103,7 +103,7 @@ def prepare_data(cfg: Config, tokenizer, rank: int):
             continue
         ds, stats = tokenize(ds, tokenizer, d, src)
         if rank == 0:
-            print(stats.describe(f"{name} data", d.max_seq_len), flush=True)
+            log.info(stats.describe(f"{name} data", d.max_seq_len))
         out.append(pack(ds, d.max_seq_len) if d.packing else ds)
     return out
 
@@ -145,20 +145,18 @@ def setup(cfg: Config) -> TrainingRun:
                       keepalive=[keepalive], label_counts=train_rows["n_labels"], flatten=flat_batches(model),
                       flop_model=flops.flop_model(model), peak_tflops=peak_tflops(cfg),
                       run_id=(state or {}).get("run_id") or uuid.uuid4().hex)
-    if rank == 0:
-        print(f"[allora_ds] {world} rank(s), {steps_per_epoch} steps/epoch, {total} steps, global batch "
-              f"{tc.micro_batch_size * tc.gradient_accumulation_steps * world} sequences", flush=True)
+    log.info(f"{world} rank(s), {steps_per_epoch} steps/epoch, {total} steps, global batch "
+             f"{tc.micro_batch_size * tc.gradient_accumulation_steps * world} sequences")
     if ckpt is not None:
         checkpoint.load(engine, ckpt, rank)
         run.step, run.skipped_steps = state["step"], state.get("skipped_steps", 0)
-        if rank == 0:
-            print(f"[allora_ds] resumed from {ckpt} at step {run.step}", flush=True)
+        log.info(f"resumed from {ckpt} at step {run.step}")
     if replace_old_run:
         dist.barrier()  # every rank has read what it resumes from, wherever that was
     if rank == 0:  # only now: a run that failed to set up leaves an existing output_dir untouched
         if replace_old_run:
             aside = checkpoint.move_aside(out)
-            print(f"[allora_ds] train.overwrite_output_dir: moved the previous run in {out} to {aside}", flush=True)
+            log.info(f"train.overwrite_output_dir: moved the previous run in {out} to {aside}")
         out.mkdir(parents=True, exist_ok=True)
         (out / "ds_config.json").write_text(json.dumps(ds, indent=2))
         save_config(cfg, out / "config.yaml")
@@ -291,7 +289,7 @@ def save(run: TrainingRun) -> Path:
     return checkpoint.save(run.engine, run.out, run.step, state, tc.keep_last, run.rank)
 
 
-def fit(run: TrainingRun, log: MetricsLog) -> dict:
+def fit(run: TrainingRun, metrics: MetricsLog) -> dict:
     """The training loop; returns the last train/eval metrics."""
     from tqdm import tqdm
 
@@ -313,44 +311,35 @@ def fit(run: TrainingRun, log: MetricsLog) -> dict:
                        **window.record(run.engine.device, run.world, run.flop_model, run.peak_tflops), "lr": run.engine.get_lr()[0],
                        "grad_norm": _float(run.engine.get_global_grad_norm()), "skipped_steps": run.skipped_steps,
                        **scale_diagnostics(run.engine.module)}
-                log.write(rec)
+                metrics.write(rec)
                 bar.set_postfix(loss="-" if rec["loss"] is None else f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
                                 tok_s=f"{rec['tokens_per_s']:.0f}",
                                 **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
                 last.update(rec)
                 window = LogWindow()
             if run.eval_rows is not None and tc.eval_steps and run.step % tc.eval_steps == 0 and run.step < run.total_steps:
-                last.update(_log_eval(run, log))
+                last.update(_log_eval(run, metrics))
             if run.stop_requested:
                 path = save(run)
-                if run.rank == 0:
-                    print(f"\n[allora_ds] stop signal received: saved {path} at step {run.step}; "
-                          f"run the same command again to resume (train.resume=auto)", flush=True)
+                log.info(f"stop signal received: saved {path} at step {run.step}; "
+                         f"run the same command again to resume (train.resume=auto)", after_bar=True)
                 return {**last, "stopped": True}
             if tc.save_steps and run.step % tc.save_steps == 0 and run.step < run.total_steps:
                 save(run)
     finally:
         bar.close()
     if run.eval_rows is not None:
-        last.update(_log_eval(run, log))
+        last.update(_log_eval(run, metrics))
     path = save(run)
     last["checkpoint"] = str(path)
     return last
 
 
-def _log_eval(run: TrainingRun, log: MetricsLog) -> dict:
+def _log_eval(run: TrainingRun, metrics: MetricsLog) -> dict:
     rec = {"kind": "eval", "step": run.step, **evaluate(run)}
-    log.write(rec)
-    if run.rank == 0:
-        tqdm_write(f"[allora_ds] step {run.step}: eval loss {rec['eval_loss']:.4f}, perplexity {rec['eval_ppl']:.2f}")
+    metrics.write(rec)
+    log.info(f"step {run.step}: eval loss {rec['eval_loss']:.4f}, perplexity {rec['eval_ppl']:.2f}", above_bar=True)
     return rec
-
-
-def tqdm_write(msg: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(msg)
-    sys.stdout.flush()
 
 
 def _float(x) -> float | None:
@@ -380,8 +369,8 @@ def train(cfg: Config) -> dict:
     stop_signal = install_stop_handlers()
     run = setup(cfg)
     run.stop_signal = stop_signal
-    with MetricsLog(run.out, run.rank == 0) as log:
-        result = fit(run, log)
+    with MetricsLog(run.out, run.rank == 0) as metrics:
+        result = fit(run, metrics)
     # The last collective is behind us (fit ends with a checkpoint and its barrier). Leave the
     # process group before the export: rank 0 alone reads and writes the whole model (141 GB each
     # way for 70B), and ranks left waiting in a barrier meanwhile would be killed by NCCL's watchdog.
@@ -394,7 +383,7 @@ def train(cfg: Config) -> dict:
             export_run(cfg, Path(result["checkpoint"]))
         summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("loss", "eval_loss", "eval_ppl")
                             if result.get(k) is not None)
-        print(f"[allora_ds] finished at step {run.step}: {summary}; outputs in {run.out}", flush=True)
+        log.info(f"finished at step {run.step}: {summary}; outputs in {run.out}")
     return result
 
 
