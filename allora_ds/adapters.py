@@ -62,7 +62,7 @@ class _Diagnostics:
 
 
 class ALLoRAFunction(torch.autograd.Function):
-    """``B A x`` with ALLoRA's per-row (``output_dependent=False``) or per-token-and-row (``output_dependent=True``) gradient scale."""
+    """``B A x`` with ALLoRA's gradient scale per row, or per token and row (``output_dependent=True``)."""
 
     @staticmethod
     def forward(ctx, x, A, B, eta: float, output_dependent: bool, diag: _Diagnostics):

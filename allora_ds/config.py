@@ -37,7 +37,8 @@ class ModelConfig:
     tokenizer: str | None = documented(None, "Tokenizer directory or hub id; defaults to model.path.")
     dtype: str = documented("bfloat16", "Precision of the frozen base and of training (float32, bfloat16, float16).", DTYPES)
     gradient_checkpointing: bool = documented(False, "Recompute activations in backward (HF gradient checkpointing).")
-    attn_implementation: str | None = documented(None, "transformers attention backend (sdpa, eager, flash_attention_2); None = default.")
+    attn_implementation: str | None = documented(None, "transformers attention backend (sdpa, eager, flash_attention_2); "
+                                                       "None = default.")
     trust_remote_code: bool = documented(False, "Allow model code from the hub repository to run. Off unless you trust it.")
     revision: str | None = documented(None, "Hub revision (branch, tag or commit) of model.path.")
 
@@ -51,11 +52,14 @@ PACKING_ATTENTION = (None, "sdpa", "eager", "flex_attention", "flash_attention_2
 
 @dataclass
 class DataConfig:
-    train: str = documented(REQUIRED, "Training data: a .jsonl/.json/.parquet/.csv file, a directory of them, or a hub dataset name.")
-    eval: str | None = documented(None, "Evaluation data (same forms as data.train); None = hold out data.eval_fraction of train.")
+    train: str = documented(REQUIRED, "Training data: a .jsonl/.json/.parquet/.csv file, a directory of them, or a hub "
+                                      "dataset name.")
+    eval: str | None = documented(None, "Evaluation data (same forms as data.train); None = hold out data.eval_fraction "
+                                        "of train.")
     eval_fraction: float = documented(0.0, "Fraction of data.train held out for evaluation when data.eval is not set.")
     split: str = documented("train", "Split to read from a hub dataset or a directory.")
-    format: str = documented("alpaca", "alpaca (instruction/input/output), chat (messages + the tokenizer's chat template) or text.", FORMATS)
+    format: str = documented("alpaca", "alpaca (instruction/input/output), chat (messages + the tokenizer's chat template) "
+                                       "or text.", FORMATS)
     text_field: str = documented("text", "Field holding the document for format text.")
     max_seq_len: int = documented(2048, "Sequences are truncated to this many tokens (the count is reported).")
     packing: bool = documented(False, "Pack several examples into each sequence (attention stays within each example).")
@@ -69,7 +73,8 @@ NONFINITE = ("stop", "skip")
 @dataclass
 class TrainConfig:
     output_dir: str = documented("runs/allora", "Run directory: metrics.jsonl, checkpoints/, ds_config.json, export/.")
-    deepspeed: str = documented("zero3_bf16", "DeepSpeed JSON: a path, or the name of a shipped config (zero3_bf16, zero3_hpz_bf16, "
+    deepspeed: str = documented("zero3_bf16", "DeepSpeed JSON: a path, or the name of a shipped config (zero3_bf16, "
+                                              "zero3_hpz_bf16, "
                         "zero3_cpu, zero3_offload_bf16, zero2_bf16); its \"auto\" values are filled from this config.")
     micro_batch_size: int = documented(1, "Sequences per rank per forward pass.")
     gradient_accumulation_steps: int = documented(1, "Micro-batches per optimizer step.")
@@ -90,7 +95,8 @@ class TrainConfig:
     overwrite_output_dir: bool = documented(False, "A run that does not continue the checkpoints already in output_dir "
                                            "(train.resume=never, or a resume from an older one) moves that directory "
                                            "aside to OUTPUT_DIR.replaced-TIME first; without this it is refused.")
-    resume_allow_changes: list[str] = documented([], "Keys (e.g. data.train) allowed to differ from the checkpoint's config on resume.")
+    resume_allow_changes: list[str] = documented([], "Keys (e.g. data.train) allowed to differ from the checkpoint's config "
+                                                     "on resume.")
     nonfinite: str = documented("stop", "On a non-finite loss: stop (keep the last good checkpoint) or skip the step.", NONFINITE)
     chunked_loss: bool = documented(True, "LM head + cross-entropy only at labelled positions, in chunks (allora_ds/loss.py): "
                                   "transformers' loss and gradients without its [tokens, vocab] fp32 logits. false = "

@@ -71,7 +71,8 @@ def load_records(source: str, split: str, key: str):
             bad = _first_bad_json_line(p) if p.suffix.lower() == ".jsonl" else None
             if bad:
                 raise UserError(f"{key}: {bad}") from None
-        raise UserError(f"{key}: cannot load {source!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{key}: cannot load {source!r}: {type(e).__name__}: {first_line}") from None
     if len(ds) == 0:
         raise UserError(f"{key}: {source} has no rows")
     return ds

@@ -308,7 +308,8 @@ def fit(run: TrainingRun, metrics: MetricsLog) -> dict:
             bar.update(1)
             if run.step % tc.log_steps == 0 or run.step == run.total_steps:
                 rec = {"kind": "train", "step": run.step, "epoch": round(run.step / steps_per_epoch, 4),
-                       **window.record(run.engine.device, run.world, run.flop_model, run.peak_tflops), "lr": run.engine.get_lr()[0],
+                       **window.record(run.engine.device, run.world, run.flop_model, run.peak_tflops),
+                       "lr": run.engine.get_lr()[0],
                        "grad_norm": _float(run.engine.get_global_grad_norm()), "skipped_steps": run.skipped_steps,
                        **scale_diagnostics(run.engine.module)}
                 metrics.write(rec)
