@@ -44,10 +44,6 @@ def llama3_dir() -> Path:
     return llama3_model_dir()
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run by `make gpu-check`; skipped elsewhere)")
-
-
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -13,6 +13,8 @@ import pytest
 
 from tests.helpers import REPO, run
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the benchmarks run in child processes
+
 
 def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0

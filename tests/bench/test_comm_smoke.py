@@ -13,6 +13,8 @@ import pytest
 
 from tests.helpers import REPO, run
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the benchmarks run in child processes
+
 
 @pytest.fixture(scope="module")
 def comm(tmp_path_factory):

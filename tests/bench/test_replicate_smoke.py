@@ -13,6 +13,8 @@ import pytest
 from bench.replicate import METHODS, OPTIMIZERS, QUICK
 from tests.helpers import REPO, run
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the benchmarks run in child processes
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -11,6 +11,8 @@ from allora_ds.commonsense_eval import PREDICTIONS_FILE, RESULTS_FILE, main
 from allora_ds.commonsense_synth import CHANCE, SETS, finetune_tiny, write_synthetic
 from tests.helpers import deepspeed_cmd, run
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the trainer or its ranks run in child processes
+
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):

@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 
 from tests.helpers import BIN, REPO, deepspeed_cmd, run
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the trainer or its ranks run in child processes
+
 WORKER = REPO / "tests" / "integration" / "logits_worker.py"
 
 

@@ -17,6 +17,8 @@ import pytest
 
 from tests.helpers import ASSETS, BIN, REPO, free_port, read_metrics, run, test_env
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the trainer or its ranks run in child processes
+
 
 def _source_copy(dest: Path) -> Path:
     """The files a clone of the repository has (tracked and new, not ignored), copied to ``dest``."""

@@ -8,6 +8,8 @@ from safetensors.torch import load_file
 
 from tests.helpers import BIN, REPO, deepspeed_cmd, run
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the trainer or its ranks run in child processes
+
 WORKER = REPO / "tests" / "integration" / "loss_equivalence_worker.py"
 RTOL = 1e-5
 

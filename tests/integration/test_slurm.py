@@ -106,6 +106,9 @@ def cluster():
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.needs_root
 def test_sbatch_script_trains_on_two_nodes_like_one_node(cluster, tiny_model, tmp_path_factory, tmp_path):
     cfg, ref = reference_run(tiny_model, tmp_path_factory)
     out = tmp_path / "run"
@@ -128,6 +131,9 @@ def test_sbatch_script_trains_on_two_nodes_like_one_node(cluster, tiny_model, tm
     assert_same_training(out, ref, "sbatch on 2 Slurm nodes")
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.needs_root
 def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tiny_model, tmp_path):
     """--signal=B:USR1@600 -> the script forwards USR1 to the ranks, which checkpoint and exit 0 ->
     the script requeues the job -> it resumes from that checkpoint. Then `scancel --signal=USR1`

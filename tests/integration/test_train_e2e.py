@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 
 from tests.helpers import read_metrics, run, train_cmd
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the trainer or its ranks run in child processes
+
 STEPS = 8
 
 

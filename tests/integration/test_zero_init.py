@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 
 from tests.helpers import BIN, REPO, run
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the trainer or its ranks run in child processes
+
 WORKER = REPO / "tests" / "integration" / "zero_init_worker.py"
 
 

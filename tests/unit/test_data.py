@@ -106,6 +106,7 @@ def test_collate_pads_right_with_masked_labels():
     assert packed["position_ids"].tolist() == [[0, 1, 0], [0, 0, 1]] and "attention_mask" not in packed
 
 
+@pytest.mark.slow  # needs the session's tiny model, pretrained first (about 45 s)
 def test_packed_examples_do_not_attend_to_each_other(tiny_model):
     """The logits of an example are the same alone and packed after another one (no KV cache, as in training)."""
     from transformers import AutoModelForCausalLM
@@ -177,6 +178,7 @@ def _per_token_loss(model, batch):
     return loss[labels[:, 1:] != IGNORE]
 
 
+@pytest.mark.slow  # needs the session's tiny model, pretrained first (about 45 s)
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_a_flattened_micro_batch_scores_every_example_as_if_alone(tiny_model, attn):
     """Packed rows flattened into one row (what flash attention gets) and packed rows kept apart
