@@ -1,15 +1,16 @@
 # Two commands: `make demo` (set up + run the embedded demo) and `make test` (set up + run the tests).
+# While developing: `make test-fast` (no child processes, nothing slow; under 2 minutes) and `make lint`.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO   ?= runs/demo
 
-.PHONY: setup demo test test-fast test-floors gpu-check gpu-wheels clean
+.PHONY: setup demo test test-fast lint test-floors gpu-check gpu-wheels clean
 
 setup: $(VENV)/.installed
 
 # torch is pinned in the same resolve so pip never swaps in a multi-GB CUDA build.
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.13.0" -e ".[dev]"
@@ -21,8 +22,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# The markers are declared in pyproject.toml; CONTRIBUTING.md says which tests guard what.
 test-fast: setup
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -m "not slow and not multiprocess and not needs_root and not gpu" tests
+
+lint: setup
+	$(PY) -m ruff check .
 
 # The dependency floors of setup.py, proven: a second venv with exactly those versions (.ci/floors.py;
 # torch 2.13.0, the one CPU build at hand) runs the unit tests and a 2-rank ZeRO-3 run. It builds

@@ -31,8 +31,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # llama-models ships Meta's Llama-3 tokenizer (tiktoken format) for tests/llama3.py.
-        "dev": ["pytest>=8", "peft>=0.13", "accelerate>=1.0", "matplotlib", "psutil", "tiktoken", "llama-models"],
+        # llama-models ships Meta's Llama-3 tokenizer (tiktoken format) for tests/llama3.py; ruff is
+        # pinned so that `make lint` gives the same answer everywhere.
+        "dev": ["pytest>=8", "peft>=0.13", "accelerate>=1.0", "matplotlib", "psutil", "tiktoken", "llama-models",
+                "ruff==0.17.6"],
         "tensorboard": ["tensorboard"],
         "eval": ["peft>=0.13"],  # allora-eval on a PEFT adapter directory
     },

@@ -18,7 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-METHODS = ("allora", "allora_od", "lora")
+from allora_ds import log
+from allora_ds.fields import documented
+from allora_ds.flops import full_numel
+
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -59,14 +62,14 @@ class _Diagnostics:
 
 
 class ALLoRAFunction(torch.autograd.Function):
-    """``B A x`` with ALLoRA's per-row (``od=False``) or per-token-and-row (``od=True``) gradient scale."""
+    """``B A x`` with ALLoRA's gradient scale per row, or per token and row (``output_dependent=True``)."""
 
     @staticmethod
-    def forward(ctx, x, A, B, eta: float, od: bool, diag: _Diagnostics):
+    def forward(ctx, x, A, B, eta: float, output_dependent: bool, diag: _Diagnostics):
         h = F.linear(x, A)  # [..., r]
         out = F.linear(h, B)  # [..., n_out]
         ctx.save_for_backward(x, h, A, B)
-        ctx.eta, ctx.od, ctx.diag = eta, od, diag
+        ctx.eta, ctx.output_dependent, ctx.diag = eta, output_dependent, diag
         return out
 
     @staticmethod
@@ -77,7 +80,7 @@ class ALLoRAFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # [T, n_in]
         h2 = h.reshape(-1, h.shape[-1])  # [T, r]
         need_x = ctx.needs_input_grad[0]
-        if not ctx.od:
+        if not ctx.output_dependent:
             c, norms = allora_row_scale(A, B, eta)
             ctx.diag.c, ctx.diag.norms = c, norms
             c = c.to(g.dtype)
@@ -101,37 +104,116 @@ class ALLoRAFunction(torch.autograd.Function):
         return grad_x, grad_A, grad_B, None, None, None
 
 
+class AdapterMethod:
+    """How one adapter method trains and scales the ``B A x`` path.
+
+    A new method is one subclass here and one entry in ``METHODS``: config choices, validation,
+    forward, merge scale and export all read it from there.
+    """
+
+    uses_dropout = False  # whether adapter.dropout applies to the method
+
+    def scale(self, spec: AdapterSpec) -> float:
+        """Factor on ``B A`` in forward and merge."""
+        return 1.0
+
+    def check(self, spec: AdapterSpec) -> None:
+        """Raise ``AdapterSpecError`` for a hyper-parameter this method cannot use."""
+
+    def delta(self, layer: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
+        """The adapter path's output for input ``x`` (already in the adapter's dtype)."""
+        raise NotImplementedError
+
+
+class ALLoRA(AdapterMethod):
+    """The paper's rule: the gradient of row i is scaled by ``1/sqrt(||(BA)_i|| + 1/eta^2)``."""
+
+    output_dependent = False
+
+    def delta(self, layer: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
+        return ALLoRAFunction.apply(x, layer.lora_A, layer.lora_B, layer.spec.eta, self.output_dependent,
+                                    layer.diagnostics)
+
+
+class ALLoRAOutputDependent(ALLoRA):
+    """ALLoRA with the scale taken per token from the adapter's own output ``|f(x)_i|``."""
+
+    output_dependent = True
+
+
+class LoRA(AdapterMethod):
+    """PEFT-style LoRA: ``alpha/r * B A x`` with optional input dropout."""
+
+    uses_dropout = True
+
+    def scale(self, spec: AdapterSpec) -> float:
+        return spec.alpha / spec.rank
+
+    def check(self, spec: AdapterSpec) -> None:
+        if not spec.alpha > 0:
+            raise AdapterSpecError("alpha", f"alpha must be > 0 for lora, got {spec.alpha!r}")
+
+    def delta(self, layer: AdapterLinear, x: torch.Tensor) -> torch.Tensor:
+        # The scale on the rank-r intermediate: r columns, not n_out.
+        return F.linear(F.linear(layer.dropout(x), layer.lora_A) * layer.spec.scale, layer.lora_B)
+
+
+METHODS: dict[str, AdapterMethod] = {"allora": ALLoRA(), "allora_od": ALLoRAOutputDependent(), "lora": LoRA()}
+
+
+class AdapterSpecError(ValueError):
+    """A bad adapter hyper-parameter; ``field`` names it, ``detail`` says what is wrong with it."""
+
+    def __init__(self, field: str, detail: str):
+        super().__init__(f"adapter {detail}")
+        self.field, self.detail = field, detail
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
-    """What to inject: method and its hyper-parameters (validated on construction)."""
+    """The adapter hyper-parameters (the config's ``adapter`` section), validated on construction."""
 
-    method: str = "allora"
-    rank: int = 16
-    eta: float = 2.0
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = LLAMA_TARGETS
+    method: str = documented("allora", "allora (paper's rule), lora (PEFT-style baseline) or allora_od "
+                                       "(output-dependent variant).", tuple(METHODS))
+    rank: int = documented(16, "Adapter rank r.")
+    eta: float = documented(2.0, "ALLoRA's eta: scale 1/sqrt(||(BA)_i|| + 1/eta^2); equals eta while a row is zero.")
+    alpha: float = documented(32.0, "LoRA only: output scale alpha/r.")
+    dropout: float = documented(0.0, "LoRA only: dropout on the adapter input (ALLoRA uses none).")
+    target_modules: list[str] = documented(list(LLAMA_TARGETS), "Names of the nn.Linear modules that get adapters.")
 
     def __post_init__(self) -> None:
+        # A list, as YAML, JSON and the saved config hold it, whatever sequence the caller passed.
+        object.__setattr__(self, "target_modules", list(self.target_modules))
         if self.method not in METHODS:
-            raise ValueError(f"adapter method {self.method!r} is not one of {', '.join(METHODS)}")
+            raise AdapterSpecError("method", f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"adapter rank must be a positive integer, got {self.rank!r}")
+            raise AdapterSpecError("rank", f"rank must be a positive integer, got {self.rank!r}")
         if not self.eta > 0:
-            raise ValueError(f"adapter eta must be > 0, got {self.eta!r}")
-        if self.method == "lora" and not self.alpha > 0:
-            raise ValueError(f"adapter alpha must be > 0 for lora, got {self.alpha!r}")
+            raise AdapterSpecError("eta", f"eta must be > 0, got {self.eta!r}")
+        self.rule.check(self)
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"adapter dropout must be in [0, 1), got {self.dropout!r}")
-        if self.dropout and self.method != "lora":
-            raise ValueError(f"adapter dropout applies to lora only; {self.method} uses none (got {self.dropout})")
+            raise AdapterSpecError("dropout", f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.dropout and not self.rule.uses_dropout:
+            with_dropout = ", ".join(name for name, m in METHODS.items() if m.uses_dropout)
+            raise AdapterSpecError("dropout", f"dropout applies to {with_dropout} only; {self.method} uses none "
+                                              f"(got {self.dropout})")
         if not self.target_modules:
-            raise ValueError("adapter target_modules is empty")
+            raise AdapterSpecError("target_modules", "target_modules is empty")
+
+    @property
+    def rule(self) -> AdapterMethod:
+        """The method's training rule and scale."""
+        return METHODS[self.method]
 
     @property
     def scale(self) -> float:
         """Factor on ``B A`` in forward and merge: ``alpha/r`` for LoRA, 1 for ALLoRA."""
-        return self.alpha / self.rank if self.method == "lora" else 1.0
+        return self.rule.scale(self)
+
+    def checkpoint_record(self) -> dict:
+        """What a checkpoint's trainer state records about its adapters (export reads scale, rank, targets)."""
+        return {"method": self.method, "rank": self.rank, "eta": self.eta, "alpha": self.alpha, "scale": self.scale,
+                "target_modules": list(self.target_modules)}
 
 
 class AdapterLinear(nn.Module):
@@ -167,17 +249,8 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        A, B = self.lora_A, self.lora_B
-        xa = x.to(A.dtype)
-        if self.spec.method == "lora":  # the scale on the rank-r intermediate: r columns, not n_out
-            delta = F.linear(F.linear(self.dropout(xa), A) * self.spec.scale, B)
-        else:
-            delta = ALLoRAFunction.apply(xa, A, B, self.spec.eta, self.spec.method == "allora_od", self.diagnostics)
+        delta = self.spec.rule.delta(self, x.to(self.lora_A.dtype))
         return out + delta.to(out.dtype)
-
-    def delta_weight(self) -> torch.Tensor:
-        """``s * B A`` in fp32 (needs the adapter weights gathered under ZeRO-3)."""
-        return self.spec.scale * (self.lora_B.float() @ self.lora_A.float())
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -208,9 +281,9 @@ def adapter_seed(seed: int, name: str) -> int:
 
 
 def _matches(name: str, targets: Iterable[str]) -> str | None:
-    for t in targets:
-        if name == t or name.endswith("." + t):
-            return t
+    for target in targets:
+        if name == target or name.endswith("." + target):
+            return target
     return None
 
 
@@ -227,15 +300,15 @@ def inject_adapters(model: nn.Module, spec: AdapterSpec, seed: int = 0, verbose:
     found: dict[str, nn.Module] = {}
     hit_targets: set[str] = set()
     for name, module in model.named_modules():
-        t = _matches(name, spec.target_modules)
-        if t is None:
+        target = _matches(name, spec.target_modules)
+        if target is None:
             continue
         if isinstance(module, AdapterLinear):
             raise ValueError(f"module {name!r} already has an adapter")
         if not isinstance(module, nn.Linear):
-            raise ValueError(f"target {t!r} matched {name!r}, a {type(module).__name__}, not an nn.Linear")
+            raise ValueError(f"target {target!r} matched {name!r}, a {type(module).__name__}, not an nn.Linear")
         found[name] = module
-        hit_targets.add(t)
+        hit_targets.add(target)
     missing = [t for t in spec.target_modules if t not in hit_targets]
     if missing:
         raise ValueError(f"adapter target(s) {', '.join(map(repr, missing))} match no module of {type(model).__name__}")
@@ -245,22 +318,15 @@ def inject_adapters(model: nn.Module, spec: AdapterSpec, seed: int = 0, verbose:
         gen = torch.Generator().manual_seed(adapter_seed(seed, name))
         setattr(parent, child, AdapterLinear(module, spec, generator=gen))
     counts = {
-        "trainable": sum(_numel(p) for p in model.parameters() if p.requires_grad),
-        "total": sum(_numel(p) for p in model.parameters()),
+        "trainable": sum(full_numel(p) for p in model.parameters() if p.requires_grad),
+        "total": sum(full_numel(p) for p in model.parameters()),
         "adapted_modules": len(found),
     }
     if verbose:
         pct = 100.0 * counts["trainable"] / max(counts["total"], 1)
-        print(
-            f"[allora_ds] {spec.method} r={spec.rank} on {len(found)} modules: "
-            f"trainable {counts['trainable']:,} / total {counts['total']:,} ({pct:.3f}%)"
-        )
+        log.info(f"{spec.method} r={spec.rank} on {len(found)} modules: "
+                 f"trainable {counts['trainable']:,} / total {counts['total']:,} ({pct:.3f}%)", every_rank=True)
     return counts
-
-
-def _numel(p: torch.Tensor) -> int:
-    """Full element count, also for a ZeRO-3 partitioned parameter (whose .numel() is 0)."""
-    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def adapter_modules(model: nn.Module) -> dict[str, AdapterLinear]:

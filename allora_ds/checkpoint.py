@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from allora_ds import log
+from allora_ds.config import Config
 from allora_ds.errors import UserError
 
 CKPT_DIR = "checkpoints"
@@ -78,7 +80,7 @@ def save(engine, run_dir: Path, step: int, trainer_state: dict, keep_last: int, 
 
     ``trainer_state["run_id"]`` names the run: pruning only ever deletes checkpoints that carry it.
     """
-    from allora_ds import faults
+    from allora_ds._testing import faults
 
     root = run_dir / CKPT_DIR
     final = root / step_dir_name(step)
@@ -210,7 +212,7 @@ def read_adapter_state(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def load(engine, ckpt: Path, rank: int) -> None:
     """Restore engine (adapters, optimizer, scheduler) and this rank's RNG. The trainer state is rank
-    0's, broadcast (train.decide_resume): this rank's view of ``trainer_state.json`` may be stale."""
+    0's, broadcast (decide_resume): this rank's view of ``trainer_state.json`` may be stale."""
     load_path, _ = engine.load_checkpoint(str(Path(ckpt) / DS_DIR), tag=DS_TAG, load_module_strict=False,
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
@@ -221,3 +223,78 @@ def load(engine, ckpt: Path, rank: int) -> None:
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# resume policy
+
+
+def trainer_state(cfg: Config, step: int, run_id: str, steps_per_epoch: int, skipped_steps: int, world: int) -> dict:
+    """What a checkpoint records besides the weights (trainer_state.json): progress, run, config, adapters."""
+    return {"step": step, "run_id": run_id, "epoch": step / steps_per_epoch, "skipped_steps": skipped_steps,
+            "world_size": world, "config": cfg.to_dict(), "adapter": cfg.adapter.checkpoint_record()}
+
+
+def decide_resume(cfg: Config, out: Path, rank: int, world: int) -> tuple[Path | None, dict | None, bool]:
+    """The checkpoint to resume from, its trainer state, and whether ``out`` holds another run's
+    checkpoints to move aside (train.overwrite_output_dir; refused otherwise): decided by rank 0
+    and broadcast.
+
+    Ranks on different nodes must not each list a shared filesystem: with NFS attribute caching a
+    node can miss the newest checkpoint (or still see a pruned one), and ranks that resume from
+    different steps hang or silently train on mismatched states. A user error found by rank 0
+    (missing path, incompatible config) is raised on every rank, so all stop alike.
+    """
+    decision: list = [None, None, None, False]  # checkpoint path, trainer state, error message, move out aside
+    if rank == 0:
+        try:
+            ckpt, notes = resolve_resume(cfg.train.resume, out)
+            for n in notes:
+                log.info(n)
+            if ckpt is not None:  # refuse an incompatible resume before loading anything big
+                state = read_trainer_state(ckpt)
+                check_resume_compatible(cfg, state, ckpt, world)
+            why = "train.resume=never" if ckpt is None else f"it resumes from {ckpt}"
+            decision[3] = other_runs_checkpoints(out, ckpt, cfg.train.overwrite_output_dir, why)
+            if ckpt is not None:
+                decision[:2] = [str(ckpt), state]
+        except UserError as e:
+            decision[2] = str(e)
+    dist.broadcast_object_list(decision, src=0)
+    if decision[2] is not None:
+        raise UserError(decision[2])
+    return (Path(decision[0]) if decision[0] else None), decision[1], decision[3]
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records after ``step`` (logged by an interrupted run after its last checkpoint)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+
+
+# Keys whose change makes a resumed run a different experiment.
+RESUME_GUARDED = ("model.path", "model.dtype", "adapter.method", "adapter.rank", "adapter.eta", "adapter.alpha",
+                  "adapter.dropout", "adapter.target_modules", "data.train", "data.format", "data.max_seq_len",
+                  "data.packing", "train.seed", "train.micro_batch_size", "train.gradient_accumulation_steps")
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else None
+    return d
+
+
+def check_resume_compatible(cfg: Config, saved: dict, ckpt: Path, world: int) -> None:
+    old, new = saved.get("config", {}), cfg.to_dict()
+    allowed = set(cfg.train.resume_allow_changes)
+    diff = [k for k in RESUME_GUARDED if _get(old, k) != _get(new, k) and k not in allowed]
+    if diff:
+        detail = "; ".join(f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}" for k in diff)
+        raise UserError(f"train.resume: {ckpt} was written with a different config ({detail}); use a new "
+                        f"train.output_dir, or train.resume_allow_changes={','.join(diff)} if the change is intended")
+    if saved.get("world_size") != world:
+        raise UserError(f"train.resume: {ckpt} was written by {saved.get('world_size')} ranks, this run has {world}; "
+                        "DeepSpeed's optimizer state is partitioned per rank, so resume with the same number of "
+                        "processes")

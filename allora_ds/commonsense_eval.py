@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from allora_ds import log
 from allora_ds.data import ALPACA_PROMPT, ALPACA_PROMPT_INPUT
 from allora_ds.errors import UserError, cli
 
@@ -203,7 +204,7 @@ def load_test_sets(paths: list[str], limit: int | None = None) -> list[TestSet]:
         if limit:
             s.rows = s.rows[:limit]
     for n in notes:
-        print(f"[allora_ds] {n}", flush=True)
+        log.info(n, every_rank=True)
     order = {t.name: i for i, t in enumerate(TASKS)}
     return sorted(sets, key=lambda s: (order.get(s.task.name, len(TASKS)), s.name))
 
@@ -343,7 +344,7 @@ def evaluate(a) -> dict:
         raise UserError("--backend vllm / --device-map auto run one process over all GPUs: launch without torchrun/deepspeed")
     cuda = torch.cuda.is_available()
     dtype = a.dtype or ("bfloat16" if cuda else "float32")
-    say = (lambda msg: print(f"[allora_ds] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    say = log.info
     say(f"{sum(len(s.rows) for s in sets)} examples in {len(sets)} test set(s): {', '.join(s.name for s in sets)}")
 
     t0 = time.perf_counter()

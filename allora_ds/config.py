@@ -14,53 +14,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from allora_ds.adapters import LLAMA_TARGETS, METHODS, AdapterSpec
+from allora_ds.adapters import AdapterSpec, AdapterSpecError
 from allora_ds.errors import UserError
-
-REQUIRED = object()
-
-
-def _f(default: Any, help: str, choices: tuple | None = None):
-    """A documented field; ``REQUIRED`` marks one without default."""
-    meta = {"help": help, "choices": choices}
-    if default is REQUIRED:
-        return field(default=None, metadata={**meta, "required": True})
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+from allora_ds.fields import REQUIRED, documented
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = tuple(TORCH_DTYPES)
+
+
+def is_local_path(value: str) -> bool:
+    """Whether a model, tokenizer or data value is meant as a local path (not a hub id): ./, / or ~."""
+    return value.startswith((".", "/", "~"))
 
 
 @dataclass
 class ModelConfig:
-    path: str = _f(REQUIRED, "Base model: a local Hugging Face directory or a hub id (e.g. meta-llama/Meta-Llama-3-8B).")
-    tokenizer: str | None = _f(None, "Tokenizer directory or hub id; defaults to model.path.")
-    dtype: str = _f("bfloat16", "Precision of the frozen base and of training (float32, bfloat16, float16).", DTYPES)
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (HF gradient checkpointing).")
-    attn_implementation: str | None = _f(None, "transformers attention backend (sdpa, eager, flash_attention_2); None = default.")
-    trust_remote_code: bool = _f(False, "Allow model code from the hub repository to run. Off unless you trust it.")
-    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of model.path.")
-
-
-@dataclass
-class AdapterConfig:
-    method: str = _f("allora", "allora (paper's rule), lora (PEFT-style baseline) or allora_od (output-dependent variant).", METHODS)
-    rank: int = _f(16, "Adapter rank r.")
-    eta: float = _f(2.0, "ALLoRA's eta: scale 1/sqrt(||(BA)_i|| + 1/eta^2); equals eta while a row is zero.")
-    alpha: float = _f(32.0, "LoRA only: output scale alpha/r.")
-    dropout: float = _f(0.0, "LoRA only: dropout on the adapter input (ALLoRA uses none).")
-    target_modules: list[str] = _f(list(LLAMA_TARGETS), "Names of the nn.Linear modules that get adapters.")
-
-    def spec(self) -> AdapterSpec:
-        try:
-            return AdapterSpec(method=self.method, rank=self.rank, eta=self.eta, alpha=self.alpha,
-                               dropout=self.dropout, target_modules=tuple(self.target_modules))
-        except ValueError as e:
-            raise UserError(f"adapter: {e}") from None
+    path: str = documented(REQUIRED, "Base model: a local Hugging Face directory or a hub id (e.g. meta-llama/Meta-Llama-3-8B).")
+    tokenizer: str | None = documented(None, "Tokenizer directory or hub id; defaults to model.path.")
+    dtype: str = documented("bfloat16", "Precision of the frozen base and of training (float32, bfloat16, float16).", DTYPES)
+    gradient_checkpointing: bool = documented(False, "Recompute activations in backward (HF gradient checkpointing).")
+    attn_implementation: str | None = documented(None, "transformers attention backend (sdpa, eager, flash_attention_2); "
+                                                       "None = default.")
+    trust_remote_code: bool = documented(False, "Allow model code from the hub repository to run. Off unless you trust it.")
+    revision: str | None = documented(None, "Hub revision (branch, tag or commit) of model.path.")
 
 
 FORMATS = ("alpaca", "chat", "text")
@@ -72,15 +52,18 @@ PACKING_ATTENTION = (None, "sdpa", "eager", "flex_attention", "flash_attention_2
 
 @dataclass
 class DataConfig:
-    train: str = _f(REQUIRED, "Training data: a .jsonl/.json/.parquet/.csv file, a directory of them, or a hub dataset name.")
-    eval: str | None = _f(None, "Evaluation data (same forms as data.train); None = hold out data.eval_fraction of train.")
-    eval_fraction: float = _f(0.0, "Fraction of data.train held out for evaluation when data.eval is not set.")
-    split: str = _f("train", "Split to read from a hub dataset or a directory.")
-    format: str = _f("alpaca", "alpaca (instruction/input/output), chat (messages + the tokenizer's chat template) or text.", FORMATS)
-    text_field: str = _f("text", "Field holding the document for format text.")
-    max_seq_len: int = _f(2048, "Sequences are truncated to this many tokens (the count is reported).")
-    packing: bool = _f(False, "Pack several examples into each sequence (attention stays within each example).")
-    num_proc: int = _f(1, "Processes for tokenization (datasets.map).")
+    train: str = documented(REQUIRED, "Training data: a .jsonl/.json/.parquet/.csv file, a directory of them, or a hub "
+                                      "dataset name.")
+    eval: str | None = documented(None, "Evaluation data (same forms as data.train); None = hold out data.eval_fraction "
+                                        "of train.")
+    eval_fraction: float = documented(0.0, "Fraction of data.train held out for evaluation when data.eval is not set.")
+    split: str = documented("train", "Split to read from a hub dataset or a directory.")
+    format: str = documented("alpaca", "alpaca (instruction/input/output), chat (messages + the tokenizer's chat template) "
+                                       "or text.", FORMATS)
+    text_field: str = documented("text", "Field holding the document for format text.")
+    max_seq_len: int = documented(2048, "Sequences are truncated to this many tokens (the count is reported).")
+    packing: bool = documented(False, "Pack several examples into each sequence (attention stays within each example).")
+    num_proc: int = documented(1, "Processes for tokenization (datasets.map).")
 
 
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -89,51 +72,53 @@ NONFINITE = ("stop", "skip")
 
 @dataclass
 class TrainConfig:
-    output_dir: str = _f("runs/allora", "Run directory: metrics.jsonl, checkpoints/, ds_config.json, export/.")
-    deepspeed: str = _f("zero3_bf16", "DeepSpeed JSON: a path, or the name of a shipped config (zero3_bf16, zero3_hpz_bf16, "
+    output_dir: str = documented("runs/allora", "Run directory: metrics.jsonl, checkpoints/, ds_config.json, export/.")
+    deepspeed: str = documented("zero3_bf16", "DeepSpeed JSON: a path, or the name of a shipped config (zero3_bf16, "
+                                              "zero3_hpz_bf16, "
                         "zero3_cpu, zero3_offload_bf16, zero2_bf16); its \"auto\" values are filled from this config.")
-    micro_batch_size: int = _f(1, "Sequences per rank per forward pass.")
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
-    lr: float = _f(1e-4, "Peak learning rate (the paper's base rate l_b; ALLoRA's effective rate at 0 is eta*lr).")
-    epochs: int = _f(1, "Passes over the training data (ignored when train.max_steps > 0).")
-    max_steps: int = _f(-1, "Stop after this many optimizer steps; -1 = run train.epochs.")
-    warmup_steps: int = _f(0, "Linear warmup steps.")
-    scheduler: str = _f("cosine", "Learning-rate schedule after warmup.", SCHEDULERS)
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping (global norm); 0 = off.")
-    seed: int = _f(42, "Seed for adapter init, data order and dropout.")
-    log_steps: int = _f(10, "Write metrics every this many steps.")
-    eval_steps: int = _f(0, "Evaluate every this many steps; 0 = only at the end.")
-    save_steps: int = _f(0, "Checkpoint every this many steps; 0 = only at the end.")
-    keep_last: int = _f(2, "Checkpoints to keep (oldest deleted first).")
-    resume: str = _f("auto", "auto (newest complete checkpoint in output_dir), never, or a checkpoint path.")
-    overwrite_output_dir: bool = _f(False, "A run that does not continue the checkpoints already in output_dir "
+    micro_batch_size: int = documented(1, "Sequences per rank per forward pass.")
+    gradient_accumulation_steps: int = documented(1, "Micro-batches per optimizer step.")
+    lr: float = documented(1e-4, "Peak learning rate (the paper's base rate l_b; ALLoRA's effective rate at 0 is eta*lr).")
+    epochs: int = documented(1, "Passes over the training data (ignored when train.max_steps > 0).")
+    max_steps: int = documented(-1, "Stop after this many optimizer steps; -1 = run train.epochs.")
+    warmup_steps: int = documented(0, "Linear warmup steps.")
+    scheduler: str = documented("cosine", "Learning-rate schedule after warmup.", SCHEDULERS)
+    weight_decay: float = documented(0.0, "AdamW weight decay.")
+    adam_betas: list[float] = documented([0.9, 0.999], "AdamW betas.")
+    max_grad_norm: float = documented(1.0, "Gradient clipping (global norm); 0 = off.")
+    seed: int = documented(42, "Seed for adapter init, data order and dropout.")
+    log_steps: int = documented(10, "Write metrics every this many steps.")
+    eval_steps: int = documented(0, "Evaluate every this many steps; 0 = only at the end.")
+    save_steps: int = documented(0, "Checkpoint every this many steps; 0 = only at the end.")
+    keep_last: int = documented(2, "Checkpoints to keep (oldest deleted first).")
+    resume: str = documented("auto", "auto (newest complete checkpoint in output_dir), never, or a checkpoint path.")
+    overwrite_output_dir: bool = documented(False, "A run that does not continue the checkpoints already in output_dir "
                                            "(train.resume=never, or a resume from an older one) moves that directory "
                                            "aside to OUTPUT_DIR.replaced-TIME first; without this it is refused.")
-    resume_allow_changes: list[str] = _f([], "Keys (e.g. data.train) allowed to differ from the checkpoint's config on resume.")
-    nonfinite: str = _f("stop", "On a non-finite loss: stop (keep the last good checkpoint) or skip the step.", NONFINITE)
-    chunked_loss: bool = _f(True, "LM head + cross-entropy only at labelled positions, in chunks (allora_ds/loss.py): "
+    resume_allow_changes: list[str] = documented([], "Keys (e.g. data.train) allowed to differ from the checkpoint's config "
+                                                     "on resume.")
+    nonfinite: str = documented("stop", "On a non-finite loss: stop (keep the last good checkpoint) or skip the step.", NONFINITE)
+    chunked_loss: bool = documented(True, "LM head + cross-entropy only at labelled positions, in chunks (allora_ds/loss.py): "
                                   "transformers' loss and gradients without its [tokens, vocab] fp32 logits. false = "
                                   "transformers' loss. Models other than Llama/Mistral/Qwen2/Qwen3/Gemma/Phi-3/OLMo-2, or "
                                   "with an adapter on lm_head, keep transformers' loss (printed at start).")
-    collective_timeout_minutes: float = _f(30.0, "How long a rank may wait in one collective (e.g. while rank 0 "
+    collective_timeout_minutes: float = documented(30.0, "How long a rank may wait in one collective (e.g. while rank 0 "
                                                  "tokenizes a large dataset) before the job is aborted.")
-    peak_tflops: float = _f(0.0, "Peak TFLOP/s of one device for the MFU figure; 0 = the datasheet dense bf16 peak "
+    peak_tflops: float = documented(0.0, "Peak TFLOP/s of one device for the MFU figure; 0 = the datasheet dense bf16 peak "
                                  "of a known GPU (see allora_ds/flops.py), not reported on others.")
 
 
 @dataclass
 class ExportConfig:
-    merged: bool = _f(False, "At the end of training, write a merged Hugging Face model to output_dir/export/merged.")
-    adapter: bool = _f(False, "At the end of training, write a PEFT adapter to output_dir/export/adapter.")
-    dtype: str | None = _f(None, "dtype of the merged export; None = the base model's.", (None,) + DTYPES)
+    merged: bool = documented(False, "At the end of training, write a merged Hugging Face model to output_dir/export/merged.")
+    adapter: bool = documented(False, "At the end of training, write a PEFT adapter to output_dir/export/adapter.")
+    dtype: str | None = documented(None, "dtype of the merged export; None = the base model's.", (None,) + DTYPES)
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    adapter: AdapterSpec = field(default_factory=AdapterSpec)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -142,7 +127,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"model": ModelConfig, "adapter": AdapterConfig, "data": DataConfig, "train": TrainConfig,
+SECTIONS = {"model": ModelConfig, "adapter": AdapterSpec, "data": DataConfig, "train": TrainConfig,
             "export": ExportConfig}
 
 
@@ -293,7 +278,11 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
             if choices and v not in choices:
                 raise UserError(f"{where}: {v!r} is not one of {', '.join(str(c) for c in choices)}")
             kwargs[name] = v
-        sections[sec] = cls(**kwargs)
+        try:
+            sections[sec] = cls(**kwargs)
+        except AdapterSpecError as e:
+            key = f"adapter.{e.field}"
+            raise UserError(f"{origins.get(key, source)}: {key}: {e.detail}") from None
     cfg = Config(**sections)
     _validate(cfg, lambda key: origins.get(key, source))
     return cfg
@@ -336,12 +325,6 @@ def _validate(cfg: Config, origin) -> None:
         bad("train.peak_tflops", f"must be >= 0, got {cfg.train.peak_tflops}")
     if cfg.data.num_proc < 1:
         bad("data.num_proc", f"must be >= 1, got {cfg.data.num_proc}")
-    try:
-        cfg.adapter.spec()
-    except UserError as e:
-        key = next((f"adapter.{k}" for k in ("rank", "eta", "alpha", "dropout", "method", "target_modules")
-                    if k in str(e)), "adapter")
-        bad(key, str(e).removeprefix("adapter: ").removeprefix("adapter "))
 
 
 def schema_text() -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from allora_ds.config import DataConfig
+from allora_ds.config import DataConfig, is_local_path
 from allora_ds.errors import UserError
 
 IGNORE = -100
@@ -58,7 +58,7 @@ def load_records(source: str, split: str, key: str):
             ds = datasets.load_dataset(builder, data_files=str(p), split="train")
         elif p.is_dir():
             ds = datasets.load_dataset(str(p), split=split)
-        elif source.startswith((".", "/", "~")) or p.suffix.lower() in FILE_BUILDERS:
+        elif is_local_path(source) or p.suffix.lower() in FILE_BUILDERS:
             raise UserError(f"{key}: {source} does not exist")
         else:
             ds = datasets.load_dataset(source, split=split)
@@ -71,7 +71,8 @@ def load_records(source: str, split: str, key: str):
             bad = _first_bad_json_line(p) if p.suffix.lower() == ".jsonl" else None
             if bad:
                 raise UserError(f"{key}: {bad}") from None
-        raise UserError(f"{key}: cannot load {source!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{key}: cannot load {source!r}: {type(e).__name__}: {first_line}") from None
     if len(ds) == 0:
         raise UserError(f"{key}: {source} has no rows")
     return ds
@@ -149,7 +150,7 @@ class DataStats:
     label_tokens: int = 0
 
     def describe(self, name: str, max_len: int) -> str:
-        return (f"[allora_ds] {name}: {self.examples} examples, {self.tokens:,} tokens ({self.label_tokens:,} with loss); "
+        return (f"{name}: {self.examples} examples, {self.tokens:,} tokens ({self.label_tokens:,} with loss); "
                 f"{self.truncated} truncated to {max_len} tokens, {self.dropped} dropped (no response left)")
 
 
@@ -217,7 +218,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def micro_rounds(n: int, micro: int, world: int) -> int:
+def rounds_per_epoch(n: int, micro: int, world: int) -> int:
     """Micro-batch rounds per epoch (each round: ``micro`` examples on every rank; the rest dropped)."""
     return n // (micro * world)
 

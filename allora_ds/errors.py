@@ -1,4 +1,4 @@
-"""One error type for user mistakes; CLIs print it as one line and exit 2."""
+"""Errors a CLI reports as one line and an exit code: user mistakes (2) and deliberate stops."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import os
 import sys
 
 
-class UserError(Exception):
+class ReportedError(Exception):
+    """An error a CLI prints as ``error: <message>`` (no traceback) and exits with ``exit_code``."""
+
+    exit_code = 1
+
+
+class UserError(ReportedError):
     """A mistake in the user's input (config, data, paths, arguments), not a bug."""
 
     exit_code = 2
@@ -25,7 +31,7 @@ def _rank_prefix() -> str:
 
 
 def cli(fn):
-    """Wrap a CLI ``main``: a ``UserError`` becomes ``error: <message>`` on stderr and its exit code (2).
+    """Wrap a CLI ``main``: a ``ReportedError`` becomes ``error: <message>`` on stderr and its exit code.
 
     Before distributed init every process sees the same inputs, so only local rank 0 prints;
     afterwards each failing rank prints with its rank so a node-specific problem is visible.
@@ -35,7 +41,7 @@ def cli(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except UserError as e:
+        except ReportedError as e:
             prefix = _rank_prefix()
             if prefix or os.environ.get("LOCAL_RANK", "0") == "0":
                 print(f"error: {prefix}{e}", file=sys.stderr, flush=True)

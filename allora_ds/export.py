@@ -24,12 +24,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from allora_ds import log
+from allora_ds.adapters import merged_weight
 from allora_ds.checkpoint import DS_DIR, DS_TAG, is_complete, read_adapter_state, read_trainer_state
+from allora_ds.config import TORCH_DTYPES, is_local_path
 from allora_ds.errors import UserError, cli
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json", "added_tokens.json")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUFFIX_A, SUFFIX_B = ".lora_A", ".lora_B"
 
 
@@ -71,7 +73,7 @@ def resolve_base(base: str) -> Path:
     p = Path(base).expanduser()
     if p.is_dir():
         return p
-    if base.startswith((".", "/", "~")):
+    if is_local_path(base):
         raise UserError(f"--base: {base} does not exist")
     try:
         from huggingface_hub import snapshot_download
@@ -123,17 +125,17 @@ def export_merged(ckpt: Path, output: Path, base: str | None = None, dtype: str 
             with safe_open(str(base_dir / shard), framework="pt") as f:
                 meta = f.metadata() or {}
                 for key in f.keys():
-                    t = f.get_tensor(key)
+                    tensor = f.get_tensor(key)
                     if key in want:
                         A, B = pairs[want[key]]
-                        if t.shape != (B.shape[0], A.shape[1]):
+                        if tensor.shape != (B.shape[0], A.shape[1]):
                             raise UserError(f"adapter {want[key]} is {B.shape[0]}x{A.shape[1]} but base weight {key} "
-                                            f"is {tuple(t.shape)}: the checkpoint was trained on another base")
-                        t = (t.float() + scale * (B @ A)).to(t.dtype)
+                                            f"is {tuple(tensor.shape)}: the checkpoint was trained on another base")
+                        tensor = merged_weight(tensor, A, B, scale)
                         merged.add(key)
-                    if dtype and t.is_floating_point():
-                        t = t.to(DTYPES[dtype])
-                    tensors[key] = t.contiguous()
+                    if dtype and tensor.is_floating_point():
+                        tensor = tensor.to(TORCH_DTYPES[dtype])
+                    tensors[key] = tensor.contiguous()
             save_file(tensors, str(tmp / shard), metadata={**meta, "format": "pt"})
             del tensors
         missing = sorted(set(want) - merged)
@@ -232,7 +234,7 @@ def export_run(cfg, ckpt: Path) -> dict[str, Path]:
     if cfg.export.adapter:
         done["adapter"] = export_adapter(ckpt, root / "adapter", overwrite=True)
     for kind, path in done.items():
-        print(f"[allora_ds] exported {kind}: {path}", flush=True)
+        log.info(f"exported {kind}: {path}", every_rank=True)
     return done
 
 
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--merged", action="store_true", help="write the merged Hugging Face model")
     p.add_argument("--adapter", action="store_true", help="write the PEFT LoRA adapter")
     p.add_argument("--base", help="base model dir or hub id (default: the model.path the run trained on)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the merged weights (default: the base's)")
+    p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), help="dtype of the merged weights (default: the base's)")
     p.add_argument("--from-deepspeed", action="store_true",
                    help="consolidate the adapters from DeepSpeed's fp32 optimizer partitions instead of the snapshot")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")

@@ -70,13 +70,17 @@ def causal_pairs(lengths) -> int:
     return sum(n * (n + 1) // 2 for n in lengths)
 
 
+def full_numel(p) -> int:
+    """Full element count, also for a ZeRO-3 partitioned parameter (whose .numel() is 0)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def flop_model(model) -> FlopModel:
     """The FlopModel of a transformers causal LM (works on ZeRO-3 partitioned parameters)."""
     cfg = model.config
-    numel = lambda p: int(getattr(p, "ds_numel", p.numel()))  # noqa: E731 - ZeRO-3 partitions report 0
-    total = sum(numel(p) for p in model.parameters())
-    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
-    embed = numel(model.get_input_embeddings().weight)
+    total = sum(full_numel(p) for p in model.parameters())
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
+    embed = full_numel(model.get_input_embeddings().weight)
     head = model.get_output_embeddings()
     head = getattr(head, "base_layer", head)  # an adapter on lm_head wraps it
     tied = getattr(head, "weight", None) is model.get_input_embeddings().weight

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from allora_ds.config import TORCH_DTYPES
 from allora_ds.errors import UserError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EOT = "<|eot_id|>"  # Llama-3's end of turn: a model finetuned on chat data stops with it (PITFALLS 7)
 
 
@@ -155,10 +155,10 @@ def load_model(source: ModelSource, dtype: str = "float32", device: str = "cpu",
     """The model of ``source`` with any adapter merged into its weights, in eval mode on ``device``."""
     placement = device_map or {"": device}
     if source.kind == "merged":
-        model = _from_pretrained(str(source.path), "--model", DTYPES[dtype], placement, trust_remote_code)
+        model = _from_pretrained(str(source.path), "--model", TORCH_DTYPES[dtype], placement, trust_remote_code)
     else:
         base = _base_dir(source)
-        model = _from_pretrained(base, "--base", DTYPES[dtype], placement, trust_remote_code)
+        model = _from_pretrained(base, "--base", TORCH_DTYPES[dtype], placement, trust_remote_code)
         if source.kind == "checkpoint":
             merge_checkpoint_adapters(model, source.path, source.base)
         else:

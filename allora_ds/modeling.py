@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from allora_ds import log
 from allora_ds.adapters import inject_adapters
-from allora_ds.config import Config, ModelConfig
+from allora_ds.config import TORCH_DTYPES, Config, ModelConfig, is_local_path
 from allora_ds.errors import UserError
 from allora_ds.loss import install as install_chunked_loss
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Llama-3.1+ reserve this token for padding; older tokenizers fall back to eos (padding is masked anyway).
 LLAMA3_PAD = "<|finetune_right_pad_id|>"
 FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
@@ -20,7 +18,7 @@ FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
 def _source(path: str, what: str) -> str:
     """A local directory must exist and hold the file transformers needs; anything else is a hub id."""
     p = Path(path).expanduser()
-    if p.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1:
+    if p.exists() or is_local_path(path) or path.count("/") > 1:
         if not p.is_dir():
             raise UserError(f"{what}: {path} is not a directory (expected a Hugging Face model directory)")
         return str(p)
@@ -81,8 +79,11 @@ def stop_token_ids(tok, data_format: str) -> list[int]:
     return ids
 
 
-def load_model(cfg: Config, ds_config: dict, verbose: bool = True):
+def load_model(cfg: Config, ds_config: dict, verbose: bool = True, architecture=None):
     """Base model from ``cfg.model`` with adapters from ``cfg.adapter`` injected.
+
+    ``architecture``: a ``PretrainedConfig`` to build with random weights instead of loading
+    ``model.path`` (the benchmarks' models, which have no checkpoint).
 
     Under ZeRO-3 transformers creates the model inside ``deepspeed.zero.Init`` (because an
     ``HfDeepSpeedConfig`` is alive) so every rank holds only its partition from the start, and
@@ -100,7 +101,11 @@ def load_model(cfg: Config, ds_config: dict, verbose: bool = True):
     if mc.attn_implementation:
         kwargs["attn_implementation"] = mc.attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(_source(mc.path, "model.path"), **kwargs)
+        if architecture is not None:
+            model = AutoModelForCausalLM.from_config(architecture, dtype=kwargs["dtype"],
+                                                     attn_implementation=mc.attn_implementation)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(_source(mc.path, "model.path"), **kwargs)
     except ImportError as e:  # e.g. flash_attention_2 without the flash-attn package
         raise UserError(f"model.attn_implementation: {mc.attn_implementation}: {str(e).splitlines()[0]}") from None
     except (OSError, ValueError) as e:
@@ -117,14 +122,32 @@ def load_model(cfg: Config, ds_config: dict, verbose: bool = True):
     hpz_group = groups._get_zero_param_intra_parallel_group() if hpz else None
     try:
         with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3, zero_param_parallel_group=hpz_group):
-            counts = inject_adapters(model, cfg.adapter.spec(), seed=cfg.train.seed, verbose=verbose)
+            counts = inject_adapters(model, cfg.adapter, seed=cfg.train.seed, verbose=verbose)
     except ValueError as e:
         raise UserError(f"adapter.target_modules: {e}") from None
     if cfg.train.chunked_loss:  # after the adapters: an adapter on lm_head keeps transformers' loss
         reason = install_chunked_loss(model)
         if reason and verbose:
-            print(f"[allora_ds] train.chunked_loss: keeping transformers' loss: {reason}", flush=True)
+            log.info(f"train.chunked_loss: keeping transformers' loss: {reason}", every_rank=True)
     return model, keepalive, counts
+
+
+def build_engine(cfg: Config, ds_config: dict, model, total_steps: int):
+    """The DeepSpeed engine over ``model``'s trainable parameters, with the config's LR schedule."""
+    import deepspeed
+    from transformers import get_scheduler
+
+    tc = cfg.train
+    sched = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[tc.scheduler]
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+        lr_scheduler=lambda opt: get_scheduler(sched, opt, num_warmup_steps=tc.warmup_steps,
+                                               num_training_steps=total_steps),
+    )
+    # from_pretrained leaves the model in eval mode, where transformers skips gradient checkpointing
+    # and dropout is off; evaluate() switches back to train mode, so the steps before it need this too.
+    engine.train()
+    return engine
 
 
 def flat_batches(model) -> bool:

@@ -310,7 +310,8 @@ def render(res: dict) -> str:
     shape = Shape(**s)
     lines = [
         f"{s['name'] or 'model'}: {shape.frozen_numel() / 1e9:.2f} B frozen parameters ({2 * shape.frozen_numel() / GB:.1f} GB "
-        f"in bf16), ALLoRA r={w['rank']} on {len(w['targets'])} projections ({shape.adapter_numel(w['rank'], w['targets']) / 1e6:.0f} M); "
+        f"in bf16), ALLoRA r={w['rank']} on {len(w['targets'])} projections "
+        f"({shape.adapter_numel(w['rank'], w['targets']) / 1e6:.0f} M); "
         f"{c['nodes']} node(s) x {c['gpus_per_node']} GPUs of {c['gpu_mem_gb']:g} GB; micro-batch {w['micro_batch']} x "
         f"{w['seq_len']} tokens, {w['grad_accum']} micro-batch(es) per optimizer step.",
         f"Assumed: {c['intra_bw']:g} GB/s within a node, {c['inter_bw']:g} GB/s per GPU across nodes (bus bandwidth), "

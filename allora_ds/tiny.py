@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from allora_ds import log
 from allora_ds.data import ALPACA_PROMPT, ALPACA_PROMPT_INPUT
 from allora_ds.demo_data import ASSETS, instructions
 
@@ -126,7 +127,7 @@ def build_tiny(out_dir: str | Path, hidden: int = 64, layers: int = 2, vocab_siz
     )
     model.save_pretrained(out, max_shard_size=max_shard_size)
     n = sum(p.numel() for p in model.parameters())
-    print(f"[allora_ds] tiny Llama-3-architecture model ({n:,} parameters, {note}) and tokenizer written to {out}")
+    log.info(f"tiny Llama-3-architecture model ({n:,} parameters, {note}) and tokenizer written to {out}", every_rank=True)
     return out
 
 

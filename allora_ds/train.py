@@ -9,17 +9,15 @@ The recipe: setup (distributed, config, tokenizer, data, model, engine, resume) 
 (micro-batches -> engine.backward/step, logging, eval, checkpoints, graceful stop) -> final
 eval, checkpoint and optional export. Loss is the mean over all response tokens of the global
 batch (every rank and micro-batch), so results do not depend on how the batch is split.
+The components live elsewhere: process-group plumbing in distributed.py, model and engine in
+modeling.py, checkpoints and the resume policy in checkpoint.py, metrics and MFU in metrics.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
-import signal
-import socket
 import sys
 import threading
 import time
@@ -31,28 +29,33 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from allora_ds import checkpoint, faults, flops
+from allora_ds import checkpoint, flops, log
+from allora_ds._testing import faults
 from allora_ds.adapters import scale_diagnostics
-from allora_ds.config import Config, load_config, save_config, schema_text
+from allora_ds.config import Config, is_local_path, load_config, save_config, schema_text
 from allora_ds.data import (
-    IGNORE, check_fields, collate, epoch_order, example_lengths, label_count, load_records, micro_rounds, pack,
+    IGNORE, check_fields, collate, epoch_order, example_lengths, label_count, load_records, rounds_per_epoch, pack,
     rank_micro_batch, tokenize,
 )
+from allora_ds.distributed import (
+    all_reduce_sum, init_distributed, install_stop_handlers, leave_process_group, local_main_first,
+)
 from allora_ds.ds_config import fill_ds_config, read_ds_config
-from allora_ds.errors import UserError, cli
+from allora_ds.errors import ReportedError, UserError, cli
 from allora_ds.extensions import check_build_locks
 from allora_ds.launch_env import check_launch_env
-from allora_ds.modeling import flat_batches, load_model, load_model_config, load_tokenizer
+from allora_ds.metrics import LogWindow, MetricsLog, peak_tflops
+from allora_ds.modeling import build_engine, flat_batches, load_model, load_model_config, load_tokenizer
 
 
-class NonFiniteLoss(UserError):
+class NonFiniteLoss(ReportedError):
     """Raised under train.nonfinite=stop: the run ends (exit code 3), the last good checkpoint stays."""
 
     exit_code = 3
 
 
 @dataclass
-class Run:
+class TrainingRun:
     """Everything the loop needs, built by ``setup``."""
 
     cfg: Config
@@ -60,7 +63,7 @@ class Run:
     rank: int
     world: int
     engine: object
-    tokenizer: object
+    pad_token_id: int
     train_rows: object
     eval_rows: object | None
     rounds_per_epoch: int
@@ -74,63 +77,11 @@ class Run:
     skipped_steps: int = 0
     stop_signal: threading.Event = field(default_factory=threading.Event)  # set by a signal on this rank
     stop_requested: bool = False  # set when any rank got one, at the same step on all ranks
-    log: object = None
     keepalive: list = field(default_factory=list)  # objects that must outlive deepspeed.initialize
 
 
 # ---------------------------------------------------------------------------------------------
 # setup
-
-
-def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, int]:
-    """Join the process group the launcher (deepspeed, torchrun, srun) describes, or form one of 1.
-
-    ``timeout_minutes``: how long a rank may wait in one collective before NCCL's watchdog (or gloo)
-    aborts the job.
-    """
-    import datetime
-
-    import deepspeed
-
-    if "RANK" not in os.environ:  # plain `python -m allora_ds.train`: a world of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_init_required=True, timeout=datetime.timedelta(minutes=timeout_minutes))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    release_cpu_allreduce_buffer()
-    return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-
-
-def release_cpu_allreduce_buffer() -> None:
-    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU all-reduce once every rank mapped it.
-
-    DeepSpeed's CPU backend creates one 66 MB shared-memory file per rank at init and never
-    deletes it, so every CPU run would leave host memory behind until reboot. Each rank maps all
-    its peers' files inside ``init_distributed``; after a barrier the names can go, and the
-    mappings stay valid until the processes exit.
-    """
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() != "cpu":
-        return
-    dist.barrier()  # on every rank alike, whether or not its file exists
-    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
-                     os.environ.get("MASTER_PORT", ""), str(dist.get_rank())])
-    Path("/dev/shm", name).unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def local_main_first(local_rank: int):
-    """Local rank 0 runs the body first (filling the datasets cache); the other ranks then read it."""
-    if local_rank != 0:
-        dist.barrier()
-    yield
-    if local_rank == 0:
-        dist.barrier()
 
 
 def prepare_data(cfg: Config, tokenizer, rank: int):
@@ -152,155 +103,65 @@ def prepare_data(cfg: Config, tokenizer, rank: int):
             continue
         ds, stats = tokenize(ds, tokenizer, d, src)
         if rank == 0:
-            print(stats.describe(f"{name} data", d.max_seq_len), flush=True)
+            log.info(stats.describe(f"{name} data", d.max_seq_len))
         out.append(pack(ds, d.max_seq_len) if d.packing else ds)
     return out
 
 
-def setup(cfg: Config) -> Run:
+def setup(cfg: Config) -> TrainingRun:
     out = Path(cfg.train.output_dir)
     # Check everything a user can get wrong before any process group or model exists.
     ds_raw = read_ds_config(cfg.train.deepspeed)
     model_config = load_model_config(cfg.model)
     for key in ("train", "eval"):
         src = getattr(cfg.data, key)
-        if src and src.startswith((".", "/", "~")) and not Path(src).expanduser().exists():
+        if src and is_local_path(src) and not Path(src).expanduser().exists():
             raise UserError(f"data.{key}: {src} does not exist")
     check_launch_env()  # before init_distributed fills in a world of one
     check_build_locks()  # a stale JIT-build lock would make the first DeepSpeed op wait forever
 
     rank, world, local_rank = init_distributed(cfg.train.collective_timeout_minutes)
     ds = fill_ds_config(ds_raw, cfg, world, getattr(model_config, "hidden_size", 4096), cfg.train.deepspeed)
-    ckpt, state, replace_old_run = decide_resume(cfg, out, rank, world)
+    ckpt, state, replace_old_run = checkpoint.decide_resume(cfg, out, rank, world)
     torch.manual_seed(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model)
     with local_main_first(local_rank):
         train_rows, eval_rows = prepare_data(cfg, tokenizer, rank)
-    t = cfg.train
-    rounds = micro_rounds(len(train_rows), t.micro_batch_size, world)
-    rounds -= rounds % t.gradient_accumulation_steps  # an optimizer step never spans two epochs
+    tc = cfg.train
+    rounds = rounds_per_epoch(len(train_rows), tc.micro_batch_size, world)
+    rounds -= rounds % tc.gradient_accumulation_steps  # an optimizer step never spans two epochs
     if rounds == 0:
         raise UserError(f"data.train: {len(train_rows)} examples are fewer than one global batch "
-                        f"({t.micro_batch_size} x {t.gradient_accumulation_steps} x {world} ranks)")
-    steps_per_epoch = rounds // t.gradient_accumulation_steps
-    total = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.epochs
+                        f"({tc.micro_batch_size} x {tc.gradient_accumulation_steps} x {world} ranks)")
+    steps_per_epoch = rounds // tc.gradient_accumulation_steps
+    total = tc.max_steps if tc.max_steps > 0 else steps_per_epoch * tc.epochs
 
-    model, keepalive, counts = load_model(cfg, ds, verbose=rank == 0)
-    import deepspeed
-    from transformers import get_scheduler
-
-    sched = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds,
-        lr_scheduler=lambda opt: get_scheduler(sched, opt, num_warmup_steps=t.warmup_steps, num_training_steps=total),
-    )
-    # from_pretrained leaves the model in eval mode, where transformers skips gradient checkpointing
-    # and dropout is off; evaluate() switches back to train mode, so the steps before it need this too.
-    engine.train()
+    model, keepalive, _ = load_model(cfg, ds, verbose=rank == 0)
+    engine = build_engine(cfg, ds, model, total)
     torch.manual_seed(cfg.train.seed + rank)  # dropout masks differ across ranks
-    run = Run(cfg=cfg, out=out, rank=rank, world=world, engine=engine, tokenizer=tokenizer, train_rows=train_rows,
-              eval_rows=eval_rows, rounds_per_epoch=rounds, total_steps=total, keepalive=[keepalive],
-              label_counts=train_rows["n_labels"],
-              flatten=flat_batches(model), flop_model=flops.flop_model(model), peak_tflops=peak_tflops(cfg),
-              run_id=(state or {}).get("run_id") or uuid.uuid4().hex)
-    if rank == 0:
-        print(f"[allora_ds] {world} rank(s), {steps_per_epoch} steps/epoch, {total} steps, global batch "
-              f"{t.micro_batch_size * t.gradient_accumulation_steps * world} sequences", flush=True)
+    run = TrainingRun(cfg=cfg, out=out, rank=rank, world=world, engine=engine, pad_token_id=tokenizer.pad_token_id,
+                      train_rows=train_rows, eval_rows=eval_rows, rounds_per_epoch=rounds, total_steps=total,
+                      keepalive=[keepalive], label_counts=train_rows["n_labels"], flatten=flat_batches(model),
+                      flop_model=flops.flop_model(model), peak_tflops=peak_tflops(cfg),
+                      run_id=(state or {}).get("run_id") or uuid.uuid4().hex)
+    log.info(f"{world} rank(s), {steps_per_epoch} steps/epoch, {total} steps, global batch "
+             f"{tc.micro_batch_size * tc.gradient_accumulation_steps * world} sequences")
     if ckpt is not None:
         checkpoint.load(engine, ckpt, rank)
         run.step, run.skipped_steps = state["step"], state.get("skipped_steps", 0)
-        if rank == 0:
-            print(f"[allora_ds] resumed from {ckpt} at step {run.step}", flush=True)
+        log.info(f"resumed from {ckpt} at step {run.step}")
     if replace_old_run:
         dist.barrier()  # every rank has read what it resumes from, wherever that was
     if rank == 0:  # only now: a run that failed to set up leaves an existing output_dir untouched
         if replace_old_run:
             aside = checkpoint.move_aside(out)
-            print(f"[allora_ds] train.overwrite_output_dir: moved the previous run in {out} to {aside}", flush=True)
+            log.info(f"train.overwrite_output_dir: moved the previous run in {out} to {aside}")
         out.mkdir(parents=True, exist_ok=True)
         (out / "ds_config.json").write_text(json.dumps(ds, indent=2))
         save_config(cfg, out / "config.yaml")
-        truncate_metrics(out / "metrics.jsonl", run.step)
+        checkpoint.truncate_metrics(out / "metrics.jsonl", run.step)
     return run
-
-
-def decide_resume(cfg: Config, out: Path, rank: int, world: int) -> tuple[Path | None, dict | None, bool]:
-    """The checkpoint to resume from, its trainer state, and whether ``out`` holds another run's
-    checkpoints to move aside (train.overwrite_output_dir; refused otherwise): decided by rank 0
-    and broadcast.
-
-    Ranks on different nodes must not each list a shared filesystem: with NFS attribute caching a
-    node can miss the newest checkpoint (or still see a pruned one), and ranks that resume from
-    different steps hang or silently train on mismatched states. A user error found by rank 0
-    (missing path, incompatible config) is raised on every rank, so all stop alike.
-    """
-    decision: list = [None, None, None, False]  # checkpoint path, trainer state, error message, move out aside
-    if rank == 0:
-        try:
-            ckpt, notes = checkpoint.resolve_resume(cfg.train.resume, out)
-            for n in notes:
-                print(f"[allora_ds] {n}", flush=True)
-            if ckpt is not None:  # refuse an incompatible resume before loading anything big
-                state = checkpoint.read_trainer_state(ckpt)
-                check_resume_compatible(cfg, state, ckpt, world)
-            why = "train.resume=never" if ckpt is None else f"it resumes from {ckpt}"
-            decision[3] = checkpoint.other_runs_checkpoints(out, ckpt, cfg.train.overwrite_output_dir, why)
-            if ckpt is not None:
-                decision[:2] = [str(ckpt), state]
-        except UserError as e:
-            decision[2] = str(e)
-    dist.broadcast_object_list(decision, src=0)
-    if decision[2] is not None:
-        raise UserError(decision[2])
-    return (Path(decision[0]) if decision[0] else None), decision[1], decision[3]
-
-
-def peak_tflops(cfg: Config) -> float | None:
-    """Per-device peak for MFU: train.peak_tflops, else the datasheet value of this GPU."""
-    if cfg.train.peak_tflops > 0:
-        return cfg.train.peak_tflops
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    peak = flops.peak_tflops(name)
-    if peak is None and dist.get_rank() == 0:
-        print(f"[allora_ds] no datasheet peak for {name!r}: MFU is not reported; set train.peak_tflops", flush=True)
-    return peak
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records after ``step`` (logged by an interrupted run after its last checkpoint)."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
-
-
-# Keys whose change makes a resumed run a different experiment.
-RESUME_GUARDED = ("model.path", "model.dtype", "adapter.method", "adapter.rank", "adapter.eta", "adapter.alpha",
-                  "adapter.dropout", "adapter.target_modules", "data.train", "data.format", "data.max_seq_len",
-                  "data.packing", "train.seed", "train.micro_batch_size", "train.gradient_accumulation_steps")
-
-
-def _get(d: dict, dotted: str):
-    for part in dotted.split("."):
-        d = d.get(part, {}) if isinstance(d, dict) else None
-    return d
-
-
-def check_resume_compatible(cfg: Config, saved: dict, ckpt: Path, world: int) -> None:
-    old, new = saved.get("config", {}), cfg.to_dict()
-    allowed = set(cfg.train.resume_allow_changes)
-    diff = [k for k in RESUME_GUARDED if _get(old, k) != _get(new, k) and k not in allowed]
-    if diff:
-        detail = "; ".join(f"{k}: {_get(old, k)!r} -> {_get(new, k)!r}" for k in diff)
-        raise UserError(f"train.resume: {ckpt} was written with a different config ({detail}); use a new "
-                        f"train.output_dir, or train.resume_allow_changes={','.join(diff)} if the change is intended")
-    if saved.get("world_size") != world:
-        raise UserError(f"train.resume: {ckpt} was written by {saved.get('world_size')} ranks, this run has {world}; "
-                        "DeepSpeed's optimizer state is partitioned per rank, so resume with the same number of "
-                        "processes")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,23 +178,23 @@ class StepBatch:
     global_labels: int  # labelled tokens of the whole global batch (every rank, every micro-batch)
 
 
-def micro_batches(run: Run, step: int) -> StepBatch:
+def micro_batches(run: TrainingRun, step: int) -> StepBatch:
     """This rank's micro-batches of optimizer step ``step``: a pure function of seed and step.
 
     The global label count, which normalises the loss, is summed here from the data order over
     every rank's rows: each rank knows it without a collective.
     """
-    t = run.cfg.train
-    gas = t.gradient_accumulation_steps
+    tc = run.cfg.train
+    gas = tc.gradient_accumulation_steps
     epoch, first = divmod(step * gas, run.rounds_per_epoch)
-    order = epoch_order(len(run.train_rows), t.seed, epoch)
-    span = order[first * t.micro_batch_size * run.world: (first + gas) * t.micro_batch_size * run.world]
+    order = epoch_order(len(run.train_rows), tc.seed, epoch)
+    span = order[first * tc.micro_batch_size * run.world: (first + gas) * tc.micro_batch_size * run.world]
     batch = StepBatch([], 0, 0, sum(run.label_counts[i] for i in span))
     for k in range(gas):
-        rows = [run.train_rows[i] for i in rank_micro_batch(order, first + k, t.micro_batch_size, run.world, run.rank)]
+        rows = [run.train_rows[i] for i in rank_micro_batch(order, first + k, tc.micro_batch_size, run.world, run.rank)]
         batch.tokens += sum(len(r["input_ids"]) for r in rows)
         batch.causal_pairs += flops.causal_pairs(n for r in rows for n in example_lengths(r))
-        batch.batches.append(collate(rows, run.tokenizer.pad_token_id, run.flatten))
+        batch.batches.append(collate(rows, run.pad_token_id, run.flatten))
     return batch
 
 
@@ -341,14 +202,7 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def all_reduce_sum(values: list, device) -> list[float]:
-    """Sum a few numbers (floats or 0-d tensors) over ranks: one collective, one host sync."""
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def train_step(run: Run) -> tuple[torch.Tensor, StepBatch, bool]:
+def train_step(run: TrainingRun) -> tuple[torch.Tensor, StepBatch, bool]:
     """One optimizer step. Returns (this rank's share of the global mean loss, as a device tensor;
     the step's batch counts; whether the step was applied).
 
@@ -357,10 +211,10 @@ def train_step(run: Run) -> tuple[torch.Tensor, StepBatch, bool]:
     A CPU thread that waited on ``.item()`` per micro-batch could not run ahead and launch ZeRO-3's
     prefetches while the device computes.
     """
-    eng, t = run.engine, run.cfg.train
+    eng, tc = run.engine, run.cfg.train
     faults.at_step_start(run.step + 1)
     sb = micro_batches(run, run.step)
-    gas = t.gradient_accumulation_steps
+    gas = tc.gradient_accumulation_steps
     # DeepSpeed divides by the accumulation steps and averages over ranks; scaling each micro-batch's
     # summed loss by world*gas/N makes the applied gradient that of (sum of all token losses)/N.
     per_micro = max(sb.global_labels, 1) / (run.world * gas)
@@ -381,7 +235,7 @@ def train_step(run: Run) -> tuple[torch.Tensor, StepBatch, bool]:
     n_nonfinite, stop = flags.tolist()
     run.stop_requested = stop > 0
     if n_nonfinite:
-        if t.nonfinite == "stop":
+        if tc.nonfinite == "stop":
             raise NonFiniteLoss(f"non-finite loss at step {run.step + 1}; stopped (train.nonfinite=stop). "
                                 f"The last good checkpoint is kept in {run.out / checkpoint.CKPT_DIR}; "
                                 "lower train.lr or check the data, then resume")
@@ -400,7 +254,7 @@ def skip_step(engine) -> None:
     engine.micro_steps += 1
 
 
-def evaluate(run: Run) -> dict:
+def evaluate(run: TrainingRun) -> dict:
     """Token-mean loss and perplexity on the eval set, sharded over ranks."""
     eng, rows = run.engine, run.eval_rows
     micro = run.cfg.train.micro_batch_size
@@ -416,7 +270,7 @@ def evaluate(run: Run) -> dict:
         for r in range(n_rounds):
             idx = rank_micro_batch(order, r, micro, run.world, run.rank)
             batch_rows = [rows[i] if i >= 0 else {**rows[0], "labels": [IGNORE] * len(rows[0]["labels"])} for i in idx]
-            b = collate(batch_rows, run.tokenizer.pad_token_id, run.flatten)
+            b = collate(batch_rows, run.pad_token_id, run.flatten)
             n = label_count(b)
             out = eng(**_to_device(b, eng.device), num_items_in_batch=1.0)
             if n:
@@ -428,90 +282,19 @@ def evaluate(run: Run) -> dict:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(n_tok)}
 
 
-class MetricsLog:
-    """metrics.jsonl (+ TensorBoard when installed) on rank 0."""
-
-    def __init__(self, out: Path, enabled: bool):
-        self.enabled, self.tb = enabled, None
-        if enabled:
-            self.f = open(out / "metrics.jsonl", "a", encoding="utf-8")
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                pass
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
-        if self.tb:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        if self.enabled:
-            self.f.close()
-            if self.tb:
-                self.tb.close()
+def save(run: TrainingRun) -> Path:
+    tc = run.cfg.train
+    state = checkpoint.trainer_state(run.cfg, run.step, run.run_id, run.rounds_per_epoch // tc.gradient_accumulation_steps,
+                                     run.skipped_steps, run.world)
+    return checkpoint.save(run.engine, run.out, run.step, state, tc.keep_last, run.rank)
 
 
-def save(run: Run) -> Path:
-    c = run.cfg
-    state = {"step": run.step, "run_id": run.run_id,
-             "epoch": run.step / (run.rounds_per_epoch // c.train.gradient_accumulation_steps),
-             "skipped_steps": run.skipped_steps, "world_size": run.world, "config": c.to_dict(),
-             "adapter": {"method": c.adapter.method, "rank": c.adapter.rank, "eta": c.adapter.eta,
-                         "alpha": c.adapter.alpha, "scale": c.adapter.spec().scale,
-                         "target_modules": list(c.adapter.target_modules)}}
-    return checkpoint.save(run.engine, run.out, run.step, state, c.train.keep_last, run.rank)
-
-
-@dataclass
-class LogWindow:
-    """What the training steps since the last log record add up to, on this rank.
-
-    Only the steps themselves are timed (eval and checkpoints are not training throughput), and the
-    loss averages over applied steps only: a skipped step's loss is not part of any update.
-    """
-
-    loss: float | torch.Tensor = 0.0  # sum over applied steps of this rank's loss share
-    applied: int = 0
-    skipped: int = 0
-    tokens: int = 0
-    causal_pairs: int = 0
-    seconds: float = 0.0
-
-    def add(self, loss_share: torch.Tensor, sb: StepBatch, applied: bool, seconds: float) -> None:
-        if applied:
-            self.loss = self.loss + loss_share.double()
-        self.applied += applied
-        self.skipped += not applied
-        self.tokens += sb.tokens
-        self.causal_pairs += sb.causal_pairs
-        self.seconds += seconds
-
-    def record(self, run: Run) -> dict:
-        """The window's metrics over all ranks (one collective)."""
-        loss_sum, tokens, pairs = all_reduce_sum([self.loss, self.tokens, self.causal_pairs], run.engine.device)
-        flop = run.flop_model.step_flops(tokens, pairs) if run.flop_model else 0.0
-        u = flops.mfu(flop, self.seconds, run.world, run.peak_tflops)
-        return {"loss": loss_sum / self.applied if self.applied else None, "applied_steps": self.applied,
-                "window_skipped_steps": self.skipped, "train_seconds": self.seconds,
-                "tokens_per_s": tokens / self.seconds if self.seconds > 0 else None,
-                **({"mfu": u} if u is not None else {})}
-
-
-def fit(run: Run) -> dict:
+def fit(run: TrainingRun, metrics: MetricsLog) -> dict:
     """The training loop; returns the last train/eval metrics."""
     from tqdm import tqdm
 
-    t = run.cfg.train
-    steps_per_epoch = run.rounds_per_epoch // t.gradient_accumulation_steps
-    run.log = MetricsLog(run.out, run.rank == 0)
+    tc = run.cfg.train
+    steps_per_epoch = run.rounds_per_epoch // tc.gradient_accumulation_steps
     bar = tqdm(total=run.total_steps, initial=run.step, disable=run.rank != 0, desc="train", dynamic_ncols=True)
     last: dict = {}
     window = LogWindow()
@@ -519,72 +302,51 @@ def fit(run: Run) -> dict:
         while run.step < run.total_steps:
             t0 = time.perf_counter()
             loss_share, sb, applied = train_step(run)  # ends with a host sync: the step is done on the device
-            window.add(loss_share, sb, applied, time.perf_counter() - t0)
+            window.add(loss_share, sb.tokens, sb.causal_pairs, applied, time.perf_counter() - t0)
             run.step += 1
             run.skipped_steps += not applied
             bar.update(1)
-            if run.step % t.log_steps == 0 or run.step == run.total_steps:
+            if run.step % tc.log_steps == 0 or run.step == run.total_steps:
                 rec = {"kind": "train", "step": run.step, "epoch": round(run.step / steps_per_epoch, 4),
-                       **window.record(run), "lr": run.engine.get_lr()[0],
+                       **window.record(run.engine.device, run.world, run.flop_model, run.peak_tflops),
+                       "lr": run.engine.get_lr()[0],
                        "grad_norm": _float(run.engine.get_global_grad_norm()), "skipped_steps": run.skipped_steps,
                        **scale_diagnostics(run.engine.module)}
-                run.log.write(rec)
+                metrics.write(rec)
                 bar.set_postfix(loss="-" if rec["loss"] is None else f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
                                 tok_s=f"{rec['tokens_per_s']:.0f}",
                                 **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
                 last.update(rec)
                 window = LogWindow()
-            if run.eval_rows is not None and t.eval_steps and run.step % t.eval_steps == 0 and run.step < run.total_steps:
-                last.update(_log_eval(run))
+            if run.eval_rows is not None and tc.eval_steps and run.step % tc.eval_steps == 0 and run.step < run.total_steps:
+                last.update(_log_eval(run, metrics))
             if run.stop_requested:
                 path = save(run)
-                if run.rank == 0:
-                    print(f"\n[allora_ds] stop signal received: saved {path} at step {run.step}; "
-                          f"run the same command again to resume (train.resume=auto)", flush=True)
+                log.info(f"stop signal received: saved {path} at step {run.step}; "
+                         f"run the same command again to resume (train.resume=auto)", after_bar=True)
                 return {**last, "stopped": True}
-            if t.save_steps and run.step % t.save_steps == 0 and run.step < run.total_steps:
+            if tc.save_steps and run.step % tc.save_steps == 0 and run.step < run.total_steps:
                 save(run)
     finally:
         bar.close()
     if run.eval_rows is not None:
-        last.update(_log_eval(run))
+        last.update(_log_eval(run, metrics))
     path = save(run)
     last["checkpoint"] = str(path)
     return last
 
 
-def _log_eval(run: Run) -> dict:
+def _log_eval(run: TrainingRun, metrics: MetricsLog) -> dict:
     rec = {"kind": "eval", "step": run.step, **evaluate(run)}
-    run.log.write(rec)
-    if run.rank == 0:
-        tqdm_write(f"[allora_ds] step {run.step}: eval loss {rec['eval_loss']:.4f}, perplexity {rec['eval_ppl']:.2f}")
+    metrics.write(rec)
+    log.info(f"step {run.step}: eval loss {rec['eval_loss']:.4f}, perplexity {rec['eval_ppl']:.2f}", above_bar=True)
     return rec
-
-
-def tqdm_write(msg: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(msg)
-    sys.stdout.flush()
 
 
 def _float(x) -> float | None:
     if x is None:
         return None
     return float(x.item() if torch.is_tensor(x) else x)
-
-
-def install_stop_handlers() -> threading.Event:
-    """SIGTERM/SIGUSR1 (what Slurm sends before preemption or the time limit) ask for a clean stop.
-
-    The handler only sets a flag; ranks act on it together after the next step's all-reduce, so a
-    signal that reaches one rank mid-step cannot make the ranks diverge. Installed before setup:
-    a signal that arrives while the model loads stops the run after its first step.
-    """
-    flag = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: flag.set())
-    return flag
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,11 +370,8 @@ def train(cfg: Config) -> dict:
     stop_signal = install_stop_handlers()
     run = setup(cfg)
     run.stop_signal = stop_signal
-    try:
-        result = fit(run)
-    finally:
-        if run.log:
-            run.log.close()
+    with MetricsLog(run.out, run.rank == 0) as metrics:
+        result = fit(run, metrics)
     # The last collective is behind us (fit ends with a checkpoint and its barrier). Leave the
     # process group before the export: rank 0 alone reads and writes the whole model (141 GB each
     # way for 70B), and ranks left waiting in a barrier meanwhile would be killed by NCCL's watchdog.
@@ -625,16 +384,8 @@ def train(cfg: Config) -> dict:
             export_run(cfg, Path(result["checkpoint"]))
         summary = ", ".join(f"{k} {result[k]:.4g}" for k in ("loss", "eval_loss", "eval_ppl")
                             if result.get(k) is not None)
-        print(f"[allora_ds] finished at step {run.step}: {summary}; outputs in {run.out}", flush=True)
+        log.info(f"finished at step {run.step}: {summary}; outputs in {run.out}")
     return result
-
-
-def leave_process_group() -> None:
-    if dist.is_initialized():
-        # All ranks past their last collective before any tears its connections down: a gloo peer
-        # that still has an operation in flight when the other side closes can abort at exit.
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 @cli

@@ -7,12 +7,13 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from allora_ds.distributed import cpu_allreduce_buffers, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the virtualenv's bin/: deepspeed launcher, python
@@ -72,12 +73,6 @@ def child_env(threads: int = 1, **extra) -> dict:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def deepspeed_cmd(nprocs: int, *script_and_args) -> list[str]:
     """The real ``deepspeed`` launcher, one node, ``nprocs`` processes."""
     return [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(free_port()),
@@ -89,16 +84,11 @@ def remove_shm_buffers(port) -> None:
 
     Every rank creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (66 MB) at
     ``init_distributed`` and never unlinks it, so each CPU run would leave RAM behind for good.
-    The allora_ds trainer releases its own (``allora_ds.train.release_cpu_allreduce_buffer``);
+    The allora_ds trainer releases its own (``allora_ds.distributed.release_cpu_allreduce_buffer``);
     this catches the HF baseline's and those of a job that died before it got there.
     """
-    for f in shm_buffers(port):
+    for f in cpu_allreduce_buffers(port):
         f.unlink(missing_ok=True)
-
-
-def shm_buffers(port) -> list[Path]:
-    """DeepSpeed's CPU all-reduce buffers in /dev/shm of the job on ``port`` (this user's)."""
-    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
 
 
 def run_job(cmd: list[str], log: Path, env: dict, timeout: float, marks: Path | None = None,

@@ -35,7 +35,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -68,37 +67,21 @@ def train_config(method: str, seq_len: int, steps: int, dtype: str, ds_path: Pat
 
 
 def build_engine(cfg, shape: dict, world: int):
-    """Model (partitioned on creation) + adapters + DeepSpeed engine, as the trainer builds them."""
-    import deepspeed
+    """Model (partitioned on creation) + adapters + DeepSpeed engine, built by the trainer's own code."""
     import torch
-    from transformers import AutoModelForCausalLM, get_scheduler
-    from transformers.integrations import HfDeepSpeedConfig
 
-    from allora_ds.adapters import inject_adapters
     from allora_ds.ds_config import fill_ds_config, read_ds_config
-    from allora_ds.modeling import TORCH_DTYPES
+    from allora_ds.modeling import build_engine as trainer_engine
+    from allora_ds.modeling import load_model
 
     ds = fill_ds_config(read_ds_config(cfg.train.deepspeed), cfg, world, shape["hidden_size"], cfg.train.deepspeed)
     # torch's AdamW rather than DeepSpeed's FusedAdam, which a fresh machine would first compile (a
     # minute or more, and it needs nvcc); it only updates the adapters, a negligible part of a step.
     ds["optimizer"]["params"]["torch_adam"] = True
-    keepalive = HfDeepSpeedConfig(ds)  # alive: from_config creates the model under zero.Init, on the device
-    model = AutoModelForCausalLM.from_config(llama_config(shape), dtype=TORCH_DTYPES[cfg.model.dtype],
-                                             attn_implementation=cfg.model.attn_implementation)
-    model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    with deepspeed.zero.Init(config_dict_or_path=ds):
-        counts = inject_adapters(model, cfg.adapter.spec(), seed=cfg.train.seed, verbose=False)
-    if cfg.train.chunked_loss:
-        from allora_ds.loss import install
-
-        install(model)
-    t = cfg.train
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds,
-        lr_scheduler=lambda opt: get_scheduler("constant", opt))
+    model, keepalive, counts = load_model(cfg, ds, verbose=False, architecture=llama_config(shape))
+    engine = trainer_engine(cfg, ds, model, cfg.train.max_steps)
     del keepalive
-    torch.manual_seed(t.seed)
+    torch.manual_seed(cfg.train.seed)
     return engine, counts
 
 
@@ -126,7 +109,7 @@ def measure(method: str, args, shape: dict, ds_path: Path, dtype: str, out_dir: 
 
     from allora_ds import flops
     from allora_ds.modeling import flat_batches
-    from allora_ds.train import Run, train_step
+    from allora_ds.train import TrainingRun, train_step
 
     t0 = time.perf_counter()
     total = args.warmup + args.steps
@@ -139,7 +122,7 @@ def measure(method: str, args, shape: dict, ds_path: Path, dtype: str, out_dir: 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         rows = random_rows(total, args.seq_len, shape["vocab_size"], seed=1, example_len=example_len)
-        run = Run(cfg=cfg, out=out_dir, rank=0, world=1, engine=engine, tokenizer=SimpleNamespace(pad_token_id=0),
+        run = TrainingRun(cfg=cfg, out=out_dir, rank=0, world=1, engine=engine, pad_token_id=0,
                   train_rows=rows, eval_rows=None, rounds_per_epoch=len(rows), total_steps=total,
                   label_counts=[r["n_labels"] for r in rows], flatten=flat_batches(engine.module),
                   flop_model=flops.flop_model(engine.module),
@@ -195,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from allora_ds.train import init_distributed
+    from allora_ds.distributed import init_distributed
     from bench.common import REPO, RESULTS, machine, table, write_json
 
     if not args.tiny_cpu and not torch.cuda.is_available():

@@ -7,8 +7,8 @@ For each world size N in (1, 2), ``deepspeed --num_gpus N bench/memory.py --work
 trainer's model path on every rank: random-weight Llama-3.2-1B-shaped model (hidden 2048, 16
 layers, 32 heads, 8 KV heads, MLP 8192, vocab 128256, tied embeddings; 1.24 B parameters) built by
 ``from_config`` under ``zero.Init`` (partitioned on construction, as the trainer's ``from_pretrained``
-is), ALLoRA r=16 adapters on the 7 projections injected under ``zero.Init`` as
-``allora_ds.modeling.load_model`` does, then ``deepspeed.initialize`` with ds_configs/zero3_bf16.json
+is), ALLoRA r=16 adapters on the 7 projections injected under ``zero.Init``, both by the trainer's
+``allora_ds.modeling.load_model``, then its ``build_engine`` with ds_configs/zero3_bf16.json
 (its "auto" values filled by the trainer's filler) and one optimizer step, so that gradients and
 AdamW states exist. On CPU (DS_ACCELERATOR=cpu) the "device" is host memory, so per rank we measure:
 
@@ -145,23 +145,22 @@ def ds_estimate(total_params: int, largest_layer_params: int, world: int) -> int
 
 
 def worker(args) -> None:
-    import deepspeed
     import torch
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
 
-    from allora_ds.adapters import inject_adapters
     from allora_ds.config import load_config
+    from allora_ds.distributed import init_distributed
     from allora_ds.ds_config import fill_ds_config, read_ds_config
-    from allora_ds.train import init_distributed
+    from allora_ds.modeling import build_engine, load_model
 
     rank, world, _ = init_distributed()
     shape = TINY if args.quick else LLAMA_3_2_1B
     src = REPO / "ds_configs" / "zero3_bf16.json"
     cfg = load_config(None, base={"model": {"path": "unused", "dtype": "bfloat16"},
                                   "adapter": {"method": "allora", "rank": RANK},
-                                  "data": {"train": "unused"}, "train": {"micro_batch_size": 1}})
+                                  "data": {"train": "unused"},
+                                  # transformers' loss, as this table was first measured with
+                                  "train": {"micro_batch_size": 1, "chunked_loss": False}})
     ds = fill_ds_config(read_ds_config(src), cfg, world, shape["hidden_size"], src)
     torch.manual_seed(0)
 
@@ -171,17 +170,13 @@ def worker(args) -> None:
     t0 = time.perf_counter()
 
     reset_peak()
-    keepalive = HfDeepSpeedConfig(ds)  # makes from_config build under zero.Init
-    model = AutoModelForCausalLM.from_config(llama_config(shape), dtype=torch.bfloat16)
-    model.config.use_cache = False
-    with deepspeed.zero.Init(config_dict_or_path=ds):
-        inject_adapters(model, cfg.adapter.spec(), seed=0, verbose=rank == 0)
+    model, keepalive, _ = load_model(cfg, ds, verbose=rank == 0, architecture=llama_config(shape))
     peaks["build"] = hwm_bytes() - before
     built = settle()
 
     reset_peak()
-    engine, optimizer, *_ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds)
+    engine = build_engine(cfg, ds, model, total_steps=1)
+    optimizer = engine.optimizer
     peaks["initialize"] = hwm_bytes() - before
     initialized = settle()
 

@@ -465,8 +465,8 @@ def report_block(res: dict, s: Settings, imgs: list[Path], docs: Path) -> str:
         "",
         accuracy_table(res["summary"], s, fixed=True, markdown=True),
         "",
-        f"**Distance to LoRA x1 (alpha = r)**: mean and max over every (learning rate, budget, seed) of the absolute "
-        f"difference between a method's test accuracy and LoRA x1's in the same cell and seed:",
+        "**Distance to LoRA x1 (alpha = r)**: mean and max over every (learning rate, budget, seed) of the absolute "
+        "difference between a method's test accuracy and LoRA x1's in the same cell and seed:",
         "",
         distance_table(res["runs"], REFERENCE),
         "",

@@ -269,14 +269,14 @@ def allora_window(s: Setting, model_dir: Path, data: Path, ds_path: Path, work: 
     """Examples and tokens of optimizer steps timed_from+1 .. steps in an allora_ds run: its data order
     is a pure function of (seed, step), so it is recomputed here with the trainer's own functions."""
     from allora_ds.config import load_config
-    from allora_ds.data import epoch_order, example_lengths, micro_rounds, rank_micro_batch
+    from allora_ds.data import epoch_order, example_lengths, rounds_per_epoch, rank_micro_batch
     from allora_ds.modeling import load_tokenizer
     from allora_ds.train import prepare_data
 
     cfg = load_config(None, base=allora_config(s, "allora", model_dir, data, work / "window", ds_path))
     rows = prepare_data(cfg, load_tokenizer(cfg.model), rank=1)[0]  # rank != 0: no report printed
     t = cfg.train
-    rounds = micro_rounds(len(rows), t.micro_batch_size, s.world)
+    rounds = rounds_per_epoch(len(rows), t.micro_batch_size, s.world)
     rounds -= rounds % t.gradient_accumulation_steps
     examples = tokens = 0
     for step in range(s.timed_from, s.steps):  # 0-based: the steps after the first timed_from

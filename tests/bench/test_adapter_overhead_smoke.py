@@ -3,7 +3,11 @@
 import json
 import math
 
-from tests.conftest import BIN, REPO, run
+import pytest
+
+from tests.helpers import BIN, REPO, run
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the benchmarks run in child processes
 
 
 def test_adapter_overhead_quick(tmp_path):

@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, run
+from tests.helpers import REPO, run
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the benchmarks run in child processes
 
 
 def _positive(x) -> bool:

@@ -11,7 +11,9 @@ import sys
 import pytest
 
 from bench.replicate import METHODS, OPTIMIZERS, QUICK
-from tests.conftest import REPO, run
+from tests.helpers import REPO, run
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the benchmarks run in child processes
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, read_metrics, run, test_env, write_config
+from tests.helpers import REPO, read_metrics, run, test_env, write_config
 
 HERE = Path(__file__).resolve().parent
 NETNS = HERE / "netns.sh"

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, free_port, read_metrics, run, write_config
+from tests.helpers import REPO, free_port, read_metrics, run, write_config
 from tests.unit.test_data import _per_token_loss
 
 pytestmark = pytest.mark.gpu

@@ -66,7 +66,7 @@ def distributed(a):
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    from allora_ds.train import init_distributed
+    from allora_ds.distributed import init_distributed
 
     rank, world, _ = init_distributed()
     cfg = {

@@ -40,7 +40,7 @@ def distributed(a):
     from deepspeed.utils import safe_get_full_fp32_param
     from transformers.integrations import HfDeepSpeedConfig
 
-    from allora_ds.train import init_distributed
+    from allora_ds.distributed import init_distributed
 
     rank, world, _ = init_distributed()
     # One process standing in for a.as_ranks ranks runs their micro-batches as accumulation steps.

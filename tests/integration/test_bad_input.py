@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, run, train_cmd, write_config
+from tests.helpers import BIN, run, train_cmd, write_config
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the trainer or its ranks run in child processes
 
 
 def _digest(d: Path) -> dict:

@@ -9,7 +9,9 @@ import pytest
 
 from allora_ds.commonsense_eval import PREDICTIONS_FILE, RESULTS_FILE, main
 from allora_ds.commonsense_synth import CHANCE, SETS, finetune_tiny, write_synthetic
-from tests.conftest import deepspeed_cmd, run
+from tests.helpers import deepspeed_cmd, run
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the trainer or its ranks run in child processes
 
 
 @pytest.fixture(scope="module")

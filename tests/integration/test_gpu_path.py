@@ -10,7 +10,9 @@ import time
 
 import pytest
 
-from tests.conftest import BIN, REPO, deepspeed_cmd, free_port, read_metrics, run, test_env, train_cmd, write_config
+from tests.helpers import BIN, REPO, deepspeed_cmd, free_port, read_metrics, run, test_env, train_cmd, write_config
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the trainer or its ranks run in child processes
 
 PROBE = REPO / "tests" / "integration" / "trainer_probe_worker.py"
 
@@ -48,6 +50,7 @@ def test_stale_build_lock_stops_the_run_with_one_line(tiny_model, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.needs_root
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root for a mount namespace")
 def test_resume_is_decided_by_rank_zero_whatever_other_nodes_see(trained, tmp_path):
     """Two 'nodes' (deepspeed --no_ssh, one rank each). Node 1 sees the shared run directory as an

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ASSETS, BIN, REPO, free_port, read_metrics, run, test_env
+from tests.helpers import ASSETS, BIN, REPO, free_port, read_metrics, run, test_env
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the trainer or its ranks run in child processes
 
 
 def _source_copy(dest: Path) -> Path:

@@ -11,8 +11,10 @@ import json
 import pytest
 import torch
 
-from tests.conftest import ASSETS, read_metrics, run, train_cmd, write_config
+from tests.helpers import ASSETS, read_metrics, run, train_cmd, write_config
 from tests.llama3 import EOS_ID, EOT_ID
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the trainer or its ranks run in child processes
 
 STEPS = 2
 CONVERSATION = [{"role": "system", "content": "You answer briefly."},

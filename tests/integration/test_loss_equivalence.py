@@ -6,7 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import BIN, REPO, deepspeed_cmd, run
+from tests.helpers import BIN, REPO, deepspeed_cmd, run
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the trainer or its ranks run in child processes
 
 WORKER = REPO / "tests" / "integration" / "loss_equivalence_worker.py"
 RTOL = 1e-5

@@ -15,9 +15,9 @@ import warnings
 
 import pytest
 
-from tests.cluster.helpers import NETNS, STEPS, TIMEOUT, assert_same_training, final_checkpoint, is_root, \
-    reference_run, run_together
-from tests.conftest import REPO, free_port, read_metrics, test_env
+from tests.cluster.helpers import NETNS, STEPS, assert_same_training, final_checkpoint, is_root, reference_run, \
+    run_together
+from tests.helpers import REPO, free_port, read_metrics, test_env
 
 
 @contextlib.contextmanager
@@ -52,6 +52,9 @@ def two_hosts(tmp_path):
         subprocess.run(["bash", NETNS, "down", prefix, "2"], capture_output=True)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.needs_root
 def test_two_nodes_in_network_namespaces_match_one_node(tiny_model, tmp_path_factory, tmp_path):
     cfg, ref = reference_run(tiny_model, tmp_path_factory)
     hostfile = tmp_path / "hostfile"

@@ -10,8 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from allora_ds.faults import SLOW_S
-from tests.conftest import read_metrics, run, test_env, train_cmd
+from allora_ds._testing.faults import SLOW_S
+from tests.helpers import read_metrics, run, test_env, train_cmd
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the trainer or its ranks run in child processes
 
 FINAL = "step-00000008"
 

@@ -25,7 +25,7 @@ import pytest
 
 from tests.cluster.helpers import LOCAL_SLURM, STEPS, TIMEOUT, assert_same_training, final_checkpoint, is_root, \
     reference_run, tail
-from tests.conftest import REPO, read_metrics, test_env, write_config
+from tests.helpers import REPO, read_metrics, test_env, write_config
 
 SBATCH = REPO / "launch" / "slurm" / "llama3_8b_allora.sbatch"
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -106,6 +106,9 @@ def cluster():
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.needs_root
 def test_sbatch_script_trains_on_two_nodes_like_one_node(cluster, tiny_model, tmp_path_factory, tmp_path):
     cfg, ref = reference_run(tiny_model, tmp_path_factory)
     out = tmp_path / "run"
@@ -128,6 +131,9 @@ def test_sbatch_script_trains_on_two_nodes_like_one_node(cluster, tiny_model, tm
     assert_same_training(out, ref, "sbatch on 2 Slurm nodes")
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.needs_root
 def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tiny_model, tmp_path):
     """--signal=B:USR1@600 -> the script forwards USR1 to the ranks, which checkpoint and exit 0 ->
     the script requeues the job -> it resumes from that checkpoint. Then `scancel --signal=USR1`
@@ -169,21 +175,19 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tiny_model,
 
 def test_sbatch_scripts_share_one_tested_body():
     """Only the 8B script runs above; the 70B one must differ from it only in its header
-    (#SBATCH lines, comments, default config) so that it is tested too."""
-    marker = "# ---- from here on identical in every launch/slurm/*.sbatch"
+    (#SBATCH lines, comments, default config) and run the same launch/slurm/job.sh, so that it is
+    tested too."""
+    source = 'source "$ALLORA_DIR/launch/slurm/job.sh"'
     scripts = sorted((REPO / "launch" / "slurm").glob("*.sbatch"))
     assert {s.name for s in scripts} >= {"llama3_8b_allora.sbatch", "llama3_70b_allora.sbatch"}
-    bodies = {}
     for s in scripts:
-        text = s.read_text()
-        assert marker in text, f"{s.name}: no '{marker}' line"
-        head, body = text.split(marker)
-        bodies[s.name] = body
+        head = s.read_text()
+        assert head.rstrip().endswith(source), f"{s.name}: does not end with '{source}'"
         for line in ("#SBATCH --requeue", "#SBATCH --ntasks-per-node=1", "#SBATCH --open-mode=append"):
             assert line in head, f"{s.name}: missing {line}"
         assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", head, re.M), f"{s.name}: no --signal=B:USR1@SECONDS"
         default = re.search(r"^DEFAULT_CONFIG=(\S+)$", head, re.M)
         assert default and (REPO / default.group(1)).is_file(), f"{s.name}: DEFAULT_CONFIG missing or not a file"
+    for s in [*scripts, REPO / "launch" / "slurm" / "job.sh"]:
         syntax = subprocess.run(["bash", "-n", s], capture_output=True, text=True)
         assert syntax.returncode == 0, f"{s.name}: {syntax.stderr}"
-    assert len(set(bodies.values())) == 1, f"the bodies of {sorted(bodies)} differ: keep them identical"

@@ -8,7 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import read_metrics, run, train_cmd
+from tests.helpers import read_metrics, run, train_cmd
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the trainer or its ranks run in child processes
 
 STEPS = 8
 
@@ -76,7 +78,7 @@ def test_torchrun_launch_trains_identically(trained, tmp_path):
 
     With max_steps=4 only the cosine tail differs; steps 1-3 (warmup 2) must match the
     deepspeed-launched run exactly."""
-    from tests.conftest import BIN, free_port
+    from tests.helpers import BIN, free_port
 
     run_dir, cfg, _ = trained
     out = tmp_path / "torchrun"

@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import BIN, REPO, run
+from tests.helpers import BIN, REPO, run
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the trainer or its ranks run in child processes
 
 WORKER = REPO / "tests" / "integration" / "zero_init_worker.py"
 

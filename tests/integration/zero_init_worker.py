@@ -69,7 +69,7 @@ def main():
 
     import deepspeed
 
-    from allora_ds.train import init_distributed
+    from allora_ds.distributed import init_distributed
 
     init_distributed()  # a world of one
     bf16 = a.dtype == "bfloat16"

@@ -215,6 +215,7 @@ def test_shards_partition_the_sorted_work_evenly():
 # batched generation
 
 
+@pytest.mark.slow  # needs the session's tiny model, pretrained first (about 45 s)
 @pytest.mark.parametrize("num_beams", [1, 4])
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_model, num_beams):
     """Greedy and beam search: the same text whatever the batch and padding (fp32, CPU)."""

@@ -7,7 +7,7 @@ import torch
 
 from allora_ds.config import DataConfig
 from allora_ds.data import (
-    IGNORE, check_fields, collate, epoch_order, load_records, micro_rounds, pack, rank_micro_batch, tokenize,
+    IGNORE, check_fields, collate, epoch_order, load_records, rounds_per_epoch, pack, rank_micro_batch, tokenize,
 )
 from allora_ds.errors import UserError
 
@@ -106,6 +106,7 @@ def test_collate_pads_right_with_masked_labels():
     assert packed["position_ids"].tolist() == [[0, 1, 0], [0, 0, 1]] and "attention_mask" not in packed
 
 
+@pytest.mark.slow  # needs the session's tiny model, pretrained first (about 45 s)
 def test_packed_examples_do_not_attend_to_each_other(tiny_model):
     """The logits of an example are the same alone and packed after another one (no KV cache, as in training)."""
     from transformers import AutoModelForCausalLM
@@ -122,7 +123,7 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model):
 def test_data_order_is_a_function_of_seed_and_epoch_and_ranks_partition_it():
     assert epoch_order(50, 1, 0) == epoch_order(50, 1, 0) != epoch_order(50, 1, 1)
     order = epoch_order(50, 1, 0)
-    rounds = micro_rounds(50, micro=4, world=3)
+    rounds = rounds_per_epoch(50, micro=4, world=3)
     assert rounds == 4
     seen = [i for r in range(rounds) for k in range(3) for i in rank_micro_batch(order, r, 4, 3, k)]
     assert len(seen) == len(set(seen)) == 48
@@ -177,6 +178,7 @@ def _per_token_loss(model, batch):
     return loss[labels[:, 1:] != IGNORE]
 
 
+@pytest.mark.slow  # needs the session's tiny model, pretrained first (about 45 s)
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_a_flattened_micro_batch_scores_every_example_as_if_alone(tiny_model, attn):
     """Packed rows flattened into one row (what flash attention gets) and packed rows kept apart
