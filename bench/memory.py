@@ -149,7 +149,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from allora_ds.config import load_config
-    from allora_ds.distributed import init_distributed
+    from allora_ds.distributed import init_distributed, leave_process_group
     from allora_ds.ds_config import fill_ds_config, read_ds_config
     from allora_ds.modeling import build_engine, load_model
 
@@ -203,7 +203,7 @@ def worker(args) -> None:
         "loss": float(loss),
     }
     Path(args.worker_out, f"rank{rank}.json").write_text(json.dumps(rec))
-    dist.barrier()
+    leave_process_group()
 
 
 # ---------------------------------------------------------------------------------------------

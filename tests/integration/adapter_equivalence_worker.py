@@ -66,7 +66,7 @@ def distributed(a):
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    from allora_ds.distributed import init_distributed
+    from allora_ds.distributed import init_distributed, leave_process_group
 
     rank, world, _ = init_distributed()
     cfg = {
@@ -105,6 +105,7 @@ def distributed(a):
                 out[n] = p.detach().clone().contiguous()
     if rank == 0:
         save_file(out, a.out)
+    leave_process_group()
 
 
 if __name__ == "__main__":

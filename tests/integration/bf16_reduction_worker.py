@@ -40,7 +40,7 @@ def distributed(a):
     from deepspeed.utils import safe_get_full_fp32_param
     from transformers.integrations import HfDeepSpeedConfig
 
-    from allora_ds.distributed import init_distributed
+    from allora_ds.distributed import init_distributed, leave_process_group
 
     rank, world, _ = init_distributed()
     # One process standing in for a.as_ranks ranks runs their micro-batches as accumulation steps.
@@ -79,6 +79,7 @@ def distributed(a):
     assert len(out) == 2 * len(names)
     if rank == 0:
         save_file(out, a.out)
+    leave_process_group()
 
 
 if __name__ == "__main__":

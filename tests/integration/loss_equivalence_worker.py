@@ -106,7 +106,7 @@ def distributed(a):
     from deepspeed.utils import safe_get_full_grad
     from transformers.integrations import HfDeepSpeedConfig
 
-    from allora_ds.distributed import init_distributed
+    from allora_ds.distributed import init_distributed, leave_process_group
 
     rank, world, _ = init_distributed()
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": GAS, "gradient_clipping": 0.0,
@@ -169,6 +169,7 @@ def distributed(a):
                 out[f"final.{n}"] = p.detach().clone()
     if rank == 0:
         save_file(out, a.out)
+    leave_process_group()
 
 
 if __name__ == "__main__":

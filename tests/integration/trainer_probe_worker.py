@@ -37,6 +37,7 @@ def main():
     cfg_path, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     from allora_ds import checkpoint
     from allora_ds.config import load_config
+    from allora_ds.distributed import leave_process_group
     from allora_ds.train import setup, train_step
 
     run = setup(load_config(cfg_path))
@@ -57,8 +58,7 @@ def main():
     (out / f"rank-{run.rank}.json").write_text(json.dumps({
         "per_step": per_step, "gas": run.cfg.train.gradient_accumulation_steps, "kept": len(kept),
         "kept_bytes": sum(t.numel() * t.element_size() for t in kept.values()), "trainable": trainable}))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":
