@@ -401,11 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.disable_progress_bar()  # one "loaded ..." line instead of a bar per weight file and rank
     a = parse_args(sys.argv[1:] if argv is None else argv)
     evaluate(a)
-    import torch.distributed as dist
+    from allora_ds.distributed import leave_process_group
 
-    if dist.is_initialized():
-        dist.barrier()  # rank 0 has written the results before any rank tears the group down
-        dist.destroy_process_group()
+    leave_process_group()  # rank 0 has written the results before any rank tears the group down
 
 
 if __name__ == "__main__":

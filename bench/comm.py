@@ -202,6 +202,7 @@ def worker(args) -> None:
 
     from allora_ds import train as T
     from allora_ds.config import load_config
+    from allora_ds.distributed import leave_process_group
 
     layouts = json.loads(Path(args.worker_spec).read_text())
     out = Path(args.worker_out)
@@ -234,6 +235,7 @@ def worker(args) -> None:
         from deepspeed.utils import groups
 
         groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+    leave_process_group()
 
 
 # ---------------------------------------------------------------------------------------------
