@@ -23,6 +23,8 @@ setup(
         "torch>=2.11",
         "deepspeed>=0.16",
         "transformers>=5.0",
+        # 1.2.1: transformers 5.0 imports what 1.1 lacks
+        "accelerate>=1.2.1",  # transformers' device_map (ZeRO-2 ranks load the base straight to their GPU)
         "datasets>=4.7",
         "sentencepiece>=0.2",
         "protobuf",
@@ -32,10 +34,13 @@ setup(
     ],
     extras_require={
         # llama-models ships Meta's Llama-3 tokenizer (tiktoken format) for tests/llama3.py; ruff is
-        # pinned so that `make lint` gives the same answer everywhere.
+        # pinned so that `make lint` gives the same answer everywhere; wandb and mlflow are the real
+        # trackers tests/integration/test_trackers.py reports to (about 45 s more to install).
         "dev": ["pytest>=8", "peft>=0.13", "accelerate>=1.0", "matplotlib", "psutil", "tiktoken", "llama-models",
-                "ruff==0.17.6"],
+                "ruff==0.17.6", "wandb", "mlflow"],
         "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],  # train.report_to: [wandb]
+        "mlflow": ["mlflow"],  # train.report_to: [mlflow]; the full package: the tests run its `mlflow server`
         "eval": ["peft>=0.13"],  # allora-eval on a PEFT adapter directory
     },
     entry_points={
@@ -44,6 +49,7 @@ setup(
             "allora-export=allora_ds.export:main",
             "allora-eval=allora_ds.commonsense_eval:main",
             "allora-plan=allora_ds.plan:main",
+            "allora-data=allora_ds.data_cli:main",
         ]
     },
 )

@@ -270,9 +270,14 @@ def uniform_cpu_fp32(shape: torch.Size, bound: float, generator: torch.Generator
     return u.mul_(2 * bound).sub_(bound)
 
 
-def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
-    """``W + scale * B A`` computed in fp32 and returned in ``weight``'s dtype."""
-    return (weight.float() + scale * (lora_B.float() @ lora_A.float())).to(weight.dtype)
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``W + scale * B A`` computed in fp32 and rounded once, to ``dtype`` (default ``weight``'s).
+
+    A float32 export of a bf16 base must get the fp32 sum, not the sum rounded to bf16 and then
+    widened: the adapter's update is often below bf16's resolution of the base weight.
+    """
+    return (weight.float() + scale * (lora_B.float() @ lora_A.float())).to(dtype or weight.dtype)
 
 
 def adapter_seed(seed: int, name: str) -> int:

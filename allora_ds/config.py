@@ -43,30 +43,120 @@ class ModelConfig:
     revision: str | None = documented(None, "Hub revision (branch, tag or commit) of model.path.")
 
 
-FORMATS = ("alpaca", "chat", "text")
+FORMATS = ("alpaca", "chat", "sharegpt", "text")
 # Attention backends that honour packed-example boundaries: transformers turns restarted position_ids
 # into a block-diagonal mask (sdpa, eager, flex); flash attention gets one flattened row with
 # cu_seq_lens (data.collate). None is transformers' default (sdpa).
 PACKING_ATTENTION = (None, "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+# true/false are the packing switch of earlier configs: true is greedy, false none.
+PACKING = ("none", "greedy", "bfd", True, False)
+TRAIN_ON = ("all_assistant", "last_assistant")
+MIXING = ("first_exhausted", "all_exhausted")  # datasets.interleave_datasets' stopping strategies
+FIELD_NAMES = ("instruction", "input", "output", "messages", "role", "content", "train")
+
+
+@dataclass
+class DataSource:
+    """One item of ``data.train`` / ``data.eval`` when they are lists (a mixture of datasets)."""
+
+    path: str = documented(REQUIRED, "A .jsonl/.json/.parquet/.csv file, a directory of them, or a hub dataset name.")
+    format: str | None = documented(None, "This source's format; None = data.format.", (None,) + FORMATS)
+    split: str | None = documented(None, "Split of a hub dataset or directory; None = data.split.")
+    text_field: str | None = documented(None, "Field of the document for format text; None = data.text_field.")
+    fields: dict[str, str] | None = documented(None, "This source's field names (as data.fields); None = data.fields.")
+    roles: dict[str, str] | None = documented(None, "This source's role names (as data.roles); None = data.roles.")
+    weight: float | None = documented(None, "Sampling ratio among the weighted sources (datasets.interleave_datasets "
+                                            "with data.mixing).")
+    count: int | None = documented(None, "Take exactly this many examples: a seeded sample, the source repeated "
+                                         "when it has fewer.")
+    epochs: float | None = documented(None, "Take this many passes over the source (2 = twice; 0.5 = a seeded half).")
+
+    def how_many(self) -> str:
+        return next((f"{k} {getattr(self, k):g}" for k in ("weight", "count", "epochs") if getattr(self, k) is not None),
+                    "all")
 
 
 @dataclass
 class DataConfig:
-    train: str = documented(REQUIRED, "Training data: a .jsonl/.json/.parquet/.csv file, a directory of them, or a hub "
-                                      "dataset name.")
-    eval: str | None = documented(None, "Evaluation data (same forms as data.train); None = hold out data.eval_fraction "
-                                        "of train.")
-    eval_fraction: float = documented(0.0, "Fraction of data.train held out for evaluation when data.eval is not set.")
+    train: str | list[dict] | None = documented(None, "Training data: a .jsonl/.json/.parquet/.csv file, a directory "
+                                                "of them, a hub dataset name, or a list of sources (a mixture; keys "
+                                                "under 'data.train[]' below). Required unless data.tokenized is set.")
+    eval: str | list[dict] | None = documented(None, "Evaluation data (same forms as data.train); None = hold out "
+                                                     "data.eval_fraction of train.")
+    eval_fraction: float = documented(0.0, "Fraction of data.train held out for evaluation when data.eval is not set "
+                                           "(of each source, before mixing).")
     split: str = documented("train", "Split to read from a hub dataset or a directory.")
-    format: str = documented("alpaca", "alpaca (instruction/input/output), chat (messages + the tokenizer's chat template) "
-                                       "or text.", FORMATS)
+    format: str = documented("alpaca", "alpaca (instruction/input/output), chat (messages, content a string or a list "
+                                       "of text parts), sharegpt (conversations of from/value), both through the "
+                                       "tokenizer's chat template, or text. A chat source holding 'conversations' "
+                                       "is read as sharegpt.", FORMATS)
     text_field: str = documented("text", "Field holding the document for format text.")
+    fields: dict[str, str] = documented({}, "The data's names for the fields a format reads, e.g. {instruction: "
+                                        "question, output: answer} or {messages: dialog, role: speaker, content: "
+                                        "text}; {train: NAME} names an optional per-message boolean: false excludes "
+                                        f"that assistant turn from the loss. Keys: {', '.join(FIELD_NAMES)}.")
+    roles: dict[str, str] = documented({}, "The data's role names mapped to system, user, assistant or tool, on top "
+                                       "of the usual ones (human/user, gpt/assistant/bot, system, tool/function/"
+                                       "observation/ipython), e.g. {customer: user, agent: assistant}.")
+    train_on: str = documented("all_assistant", "Which assistant turns of a conversation carry loss: all_assistant "
+                                                "or last_assistant.", TRAIN_ON)
     max_seq_len: int = documented(2048, "Sequences are truncated to this many tokens (the count is reported).")
-    packing: bool = documented(False, "Pack several examples into each sequence (attention stays within each example).")
+    packing: bool | str = documented(False, "Pack several examples into each sequence (attention stays within each "
+                                            "example): none (or false), greedy (in order; or true) or bfd (best-fit "
+                                            "decreasing: fewer rows).", PACKING)
+    mixing: str = documented("first_exhausted", "How weighted sources are interleaved (datasets' stopping strategy): "
+                                                "first_exhausted stops when one runs out (nothing repeats), "
+                                                "all_exhausted repeats the others until every one was seen whole.",
+                             MIXING)
     num_proc: int = documented(1, "Processes for tokenization (datasets.map).")
+    tokenized: str | None = documented(None, "A directory written by `allora-data CONFIG --save DIR`: train on it "
+                                             "without tokenizing (after checking tokenizer, template, format, "
+                                             "max_seq_len and packing).")
+    tokenize_timeout_minutes: float = documented(240.0, "How long the other ranks wait for the rank that tokenizes "
+                                                 "(a wait of its own, not train.collective_timeout_minutes).")
+
+    @property
+    def packing_strategy(self) -> str:
+        return {True: "greedy", False: "none"}.get(self.packing, self.packing)
+
+    def sources(self, which: str = "train", loc: str = "") -> list[DataSource]:
+        """``data.train`` or ``data.eval`` as sources, each with this section's defaults filled in.
+
+        ``loc``: where the key was written (file:line), for error messages, which name the source
+        by its index and path.
+        """
+        value = getattr(self, which)
+        if value is None:
+            return []
+        items = [{"path": value}] if isinstance(value, str) else value
+        at = f"{loc}: " if loc else ""
+        out = []
+        for i, item in enumerate(items):
+            where = f"data.{which}" if isinstance(value, str) else f"data.{which}[{i}]"
+            src = _typed(DataSource, item, lambda name: loc or "<config>", f"{where}.")
+            if src.path in (None, ""):
+                raise UserError(f"{at}{where}: path is required ({_help(DataSource, 'path')})")
+            if sum(getattr(src, k) is not None for k in ("weight", "count", "epochs")) > 1:
+                raise UserError(f"{at}{where} ({src.path}): give one of weight, count or epochs, not several")
+            for k in ("weight", "epochs", "count"):
+                if getattr(src, k) is not None and not getattr(src, k) > 0:
+                    raise UserError(f"{at}{where}.{k} ({src.path}): must be > 0, got {getattr(src, k)}")
+            src.format = src.format or self.format
+            src.split = src.split or self.split
+            src.text_field = src.text_field or self.text_field
+            src.fields = {**self.fields, **(src.fields or {})}
+            src.roles = {**self.roles, **(src.roles or {})}
+            unknown = sorted(set(src.fields) - set(FIELD_NAMES))
+            if unknown:
+                raise UserError(f"{at}{where}: fields: unknown field {unknown[0]!r} (valid: {', '.join(FIELD_NAMES)})")
+            out.append(src)
+        if isinstance(value, list) and not out:
+            raise UserError(f"{at}data.{which}: the list of sources is empty")
+        return out
 
 
 SCHEDULERS = ("cosine", "linear", "constant")
+REPORT_TO = ("tensorboard", "wandb", "mlflow")  # allora_ds/trackers.py
 NONFINITE = ("stop", "skip")
 
 
@@ -104,6 +194,10 @@ class TrainConfig:
                                   "with an adapter on lm_head, keep transformers' loss (printed at start).")
     collective_timeout_minutes: float = documented(30.0, "How long a rank may wait in one collective (e.g. while rank 0 "
                                                  "tokenizes a large dataset) before the job is aborted.")
+    report_to: list[str] = documented(["tensorboard"], "Trackers that get the metrics.jsonl scalars and the config, "
+                                      "on rank 0: tensorboard (when installed), wandb, mlflow (pip install "
+                                      "'allora-ds[wandb]' / '[mlflow]'); [] = none. A resumed run continues the "
+                                      "same tracker run.")
     peak_tflops: float = documented(0.0, "Peak TFLOP/s of one device for the MFU figure; 0 = the datasheet dense bf16 peak "
                                  "of a known GPU (see allora_ds/flops.py), not reported on others.")
 
@@ -178,7 +272,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        for alt in inner[1:]:  # the first alternative that takes the value's kind (str | list[dict], bool | str)
+            try:
+                return _coerce(value, alt, where) if _kind_fits(value, alt) else _coerce(value, inner[0], where)
+            except UserError:
+                continue
         return _coerce(value, inner[0], where)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = args or (str, Any)
+        return {_coerce(k, kt, where): v if vt is Any else _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -209,6 +313,42 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return str(value)
         raise UserError(f"{where}: expected a string, got {value!r}")
     raise TypeError(f"unsupported config type {tp}")
+
+
+def _kind_fits(value: Any, tp: Any) -> bool:
+    """Whether ``value`` is of the kind ``tp`` reads (a list for list types, a mapping for dicts, ...)."""
+    origin = typing.get_origin(tp) or tp
+    kinds = {list: (list, tuple), dict: (dict,), bool: (bool,), str: (str,)}
+    return isinstance(value, kinds.get(origin, ()))
+
+
+def _help(cls, name: str) -> str:
+    return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _typed(cls, body: Any, loc, prefix: str):
+    """``cls(**body)`` with every value coerced to its field's type and checked against its choices.
+
+    ``loc(name)`` says where key ``name`` was written (file:line, or "override"), ``prefix`` is the
+    keys' dotted prefix (``"adapter."``, ``"data.train[1]."``), for error messages.
+    """
+    if not isinstance(body, dict):
+        raise UserError(f"{loc('')}: {prefix.rstrip('.')}: expected a mapping of keys, got {body!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in body.items():
+        name = str(name)
+        if name not in fields:
+            full = [f"{prefix}{f}" for f in fields]
+            raise UserError(f"{loc(name)}: unknown key {prefix}{name}{_nearest(f'{prefix}{name}', full)}")
+        where = f"{loc(name)}: {prefix}{name}"
+        v = _coerce(value, hints[name], where)
+        choices = fields[name].metadata.get("choices")
+        if choices and v not in choices:
+            raise UserError(f"{where}: {v!r} is not one of {', '.join(str(c) for c in choices)}")
+        kwargs[name] = v
+    return cls(**kwargs)
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -263,23 +403,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
         origins[key] = "override"
     sections = {}
     for sec, body in values.items():
-        cls = SECTIONS[sec]
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for name, value in body.items():
-            loc = origins[f"{sec}.{name}"]
-            if name not in fields:
-                full = [f"{sec}.{f}" for f in fields]
-                raise UserError(f"{loc}: unknown key {sec}.{name}{_nearest(f'{sec}.{name}', full)}")
-            where = f"{loc}: {sec}.{name}"
-            v = _coerce(value, hints[name], where)
-            choices = fields[name].metadata.get("choices")
-            if choices and v not in choices:
-                raise UserError(f"{where}: {v!r} is not one of {', '.join(str(c) for c in choices)}")
-            kwargs[name] = v
         try:
-            sections[sec] = cls(**kwargs)
+            sections[sec] = _typed(SECTIONS[sec], body, lambda name, sec=sec: origins[f"{sec}.{name}"], f"{sec}.")
         except AdapterSpecError as e:
             key = f"adapter.{e.field}"
             raise UserError(f"{origins.get(key, source)}: {key}: {e.detail}") from None
@@ -316,15 +441,24 @@ def _validate(cfg: Config, origin) -> None:
         bad("data.max_seq_len", f"must be >= 2, got {cfg.data.max_seq_len}")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         bad("data.eval_fraction", f"must be in [0, 1), got {cfg.data.eval_fraction}")
-    if cfg.data.packing and cfg.model.attn_implementation not in PACKING_ATTENTION:
+    if cfg.data.packing_strategy != "none" and cfg.model.attn_implementation not in PACKING_ATTENTION:
         bad("model.attn_implementation", f"{cfg.model.attn_implementation!r} is not known to keep packed examples "
             f"apart; with data.packing use one of {', '.join(a for a in PACKING_ATTENTION if a)} (or null: sdpa)")
     if not cfg.train.collective_timeout_minutes > 0:
         bad("train.collective_timeout_minutes", f"must be > 0, got {cfg.train.collective_timeout_minutes}")
     if cfg.train.peak_tflops < 0:
         bad("train.peak_tflops", f"must be >= 0, got {cfg.train.peak_tflops}")
+    unknown = [t for t in cfg.train.report_to if t not in REPORT_TO]
+    if unknown:
+        bad("train.report_to", f"{unknown[0]!r} is not one of {', '.join(REPORT_TO)}")
     if cfg.data.num_proc < 1:
         bad("data.num_proc", f"must be >= 1, got {cfg.data.num_proc}")
+    if cfg.data.train in (None, "", []) and not cfg.data.tokenized:
+        bad("data.train", f"is required ({_help(DataConfig, 'train')})")
+    for which in ("train", "eval"):
+        cfg.data.sources(which, origin(f"data.{which}"))
+    if not cfg.data.tokenize_timeout_minutes > 0:
+        bad("data.tokenize_timeout_minutes", f"must be > 0, got {cfg.data.tokenize_timeout_minutes}")
 
 
 def schema_text() -> str:
@@ -338,6 +472,9 @@ def schema_text() -> str:
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
             tp = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
             out.append(f"  {f.name}: {tp} = {default}\n      {f.metadata['help']}")
+        if cls is DataConfig:
+            out.append("  data.train[] / data.eval[]: each source of a list")
+            out += [f"    {f.name}: {f.metadata['help']}" for f in dataclasses.fields(DataSource)]
     return "\n".join(out)
 
 

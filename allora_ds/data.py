@@ -1,12 +1,14 @@
-"""Data: load with ``datasets``, render alpaca/chat/text, mask prompts, truncate, pack, batch.
+"""Data: load with ``datasets``, render alpaca/chat/sharegpt/text, mask prompts, truncate, batch.
 
 Every example becomes ``input_ids`` and ``labels`` (-100 where no loss: prompt, padding and the
-first token of each example). Tokenization is cached by ``datasets``; the trainer runs it on
-local rank 0 first so the other ranks read the cache.
+first token of each example). Conversations are normalized by ``chat.py``, sources mixed by
+``mixture.py``, rows packed by ``packing.py``. Tokenization is cached by ``datasets``; the trainer
+runs it on one rank first so the others read the cache (``mixture.tokenizing_rank_first``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -15,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-from allora_ds.config import DataConfig, is_local_path
+from allora_ds import chat, log
+from allora_ds.config import DataConfig, DataSource, is_local_path
 from allora_ds.errors import UserError
+from allora_ds.packing import pack  # noqa: F401 - the pipeline's packing step, importable from here
 
 IGNORE = -100
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -29,7 +33,7 @@ ALPACA_PROMPT_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "chat": ("messages",)}
+ALPACA_FIELDS = {"instruction": "instruction", "input": "input", "output": "output"}
 
 
 def _first_bad_json_line(path: Path) -> str | None:
@@ -78,21 +82,49 @@ def load_records(source: str, split: str, key: str):
     return ds
 
 
-def check_fields(ds, cfg: DataConfig, key: str, source: str) -> None:
-    need = REQUIRED_FIELDS.get(cfg.format, (cfg.text_field,))
+def _source_spec(cfg: DataConfig, source: str) -> DataSource:
+    """The one source of a config whose data is a single path (its format, fields and roles)."""
+    return DataSource(path=source, format=cfg.format, split=cfg.split, text_field=cfg.text_field, fields=cfg.fields,
+                      roles=cfg.roles)
+
+
+def check_fields(ds, cfg: DataConfig, key: str, source: str, spec: DataSource | None = None) -> DataSource:
+    """The source's spec with its format settled (a chat file holding 'conversations' is sharegpt),
+    after checking that the records have the fields that format reads."""
+    spec = dataclasses.replace(spec or _source_spec(cfg, source))
+    names = chat.field_names("chat", spec.fields)
+    if spec.format == "chat" and names["messages"] not in ds.column_names and "conversations" in ds.column_names \
+            and "messages" not in spec.fields:
+        log.info(f"{key}: {source} holds 'conversations': read as format sharegpt")
+        spec.format = "sharegpt"
+    if spec.format == "alpaca":
+        fields = {**ALPACA_FIELDS, **spec.fields}
+        need = [fields["instruction"], fields["output"]]
+    elif spec.format == "text":
+        need = [spec.text_field]
+    else:
+        need = [chat.field_names(spec.format, spec.fields)["messages"]]
     missing = [f for f in need if f not in ds.column_names]
     if missing:
-        raise UserError(f"{key}: {source}: format {cfg.format!r} needs field(s) {', '.join(map(repr, missing))}; "
+        raise UserError(f"{key}: {source}: format {spec.format!r} needs field(s) {', '.join(map(repr, missing))}; "
                         f"found {', '.join(map(repr, ds.column_names))}")
+    return spec
 
 
 class Formatter:
     """Turns one record into ``(input_ids, labels)`` for the configured format."""
 
-    def __init__(self, tokenizer, cfg: DataConfig, source: str):
-        self.tok, self.cfg, self.source = tokenizer, cfg, source
-        if cfg.format == "chat" and not tokenizer.chat_template:
-            raise UserError(f"data.format: 'chat' needs a tokenizer with a chat template; {tokenizer.name_or_path} has none")
+    def __init__(self, tokenizer, cfg: DataConfig, source: str, spec: DataSource | None = None):
+        self.tok, self.source = tokenizer, source
+        self.spec = spec or _source_spec(cfg, source)
+        self.train_on = cfg.train_on
+        if self.spec.format in ("chat", "sharegpt"):
+            if not tokenizer.chat_template:
+                raise UserError(f"data.format: {self.spec.format!r} needs a tokenizer with a chat template; "
+                                f"{tokenizer.name_or_path} has none")
+            self.template = chat.Template.of(tokenizer)
+            self.names = chat.field_names(self.spec.format, self.spec.fields)
+        self.alpaca = {**ALPACA_FIELDS, **self.spec.fields}
 
     def _bad(self, idx: int, msg: str):
         raise UserError(f"{self.source}: row {idx + 1}: {msg}")
@@ -104,34 +136,42 @@ class Formatter:
         return v
 
     def __call__(self, row: dict, idx: int) -> tuple[list[int], list[int]]:
-        fmt, tok = self.cfg.format, self.tok
+        fmt, tok = self.spec.format, self.tok
         if fmt == "alpaca":
-            instr, out = self._text(row, idx, "instruction"), self._text(row, idx, "output")
-            inp = row.get("input") or ""
+            f = self.alpaca
+            instr, out = self._text(row, idx, f["instruction"]), self._text(row, idx, f["output"])
+            inp = row.get(f["input"]) or ""
             prompt = (ALPACA_PROMPT_INPUT if inp else ALPACA_PROMPT).format(instruction=instr, input=inp)
             p_ids = tok(prompt).input_ids
             r_ids = tok(out, add_special_tokens=False).input_ids + [tok.eos_token_id]
             return p_ids + r_ids, [IGNORE] * len(p_ids) + r_ids
         if fmt == "text":
-            ids = tok(self._text(row, idx, self.cfg.text_field)).input_ids + [tok.eos_token_id]
+            ids = tok(self._text(row, idx, self.spec.text_field)).input_ids + [tok.eos_token_id]
             return ids, list(ids)
-        return self._chat(row.get("messages"), idx)
+        try:
+            messages, trained = chat.normalize(row.get(self.names["messages"]), fmt, self.spec.fields, self.spec.roles,
+                                               self.template, self.train_on)
+        except chat.ConversationError as e:
+            self._bad(idx, str(e))
+        return self._chat(messages, trained, idx)
 
-    def _chat(self, messages, idx):
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= m.keys()
-                                                     for m in messages):
-            self._bad(idx, "'messages' must be a list of {role, content} objects")
-        if not any(m["role"] == "assistant" for m in messages):
-            self._bad(idx, "the conversation has no assistant turn to learn from")
-        render = lambda msgs, gen=False: self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
-        full = render(messages)
-        spans = []  # character spans of assistant replies (incl. their end-of-turn token)
+    def _render(self, messages, idx, gen=False) -> str:
+        from jinja2 import TemplateError
+
+        try:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        except TemplateError as e:
+            self._bad(idx, f"the tokenizer's chat template refused the conversation: {e}")
+
+    def _chat(self, messages, trained, idx):
+        full = self._render(messages, idx)
+        spans = []  # character spans of trained assistant replies (incl. their end-of-turn token)
         for i, m in enumerate(messages):
-            if m["role"] == "assistant":
+            if trained[i]:
                 if i == 0:  # its prompt would be an empty conversation, which templates do not render
                     self._bad(idx, "the conversation starts with an assistant turn, which answers no prompt; "
                                    "begin it with a system or user message")
-                prompt, upto = render(messages[:i], True), render(messages[: i + 1])
+                prompt, upto = self._render(messages[:i], idx, True), self._render(messages[: i + 1], idx)
                 if not (full.startswith(prompt) and full.startswith(upto)):
                     self._bad(idx, "the tokenizer's chat template does not render conversations prefix by prefix")
                 spans.append((len(prompt), len(upto)))
@@ -154,9 +194,9 @@ class DataStats:
                 f"{self.truncated} truncated to {max_len} tokens, {self.dropped} dropped (no response left)")
 
 
-def tokenize(ds, tokenizer, cfg: DataConfig, source: str):
+def tokenize(ds, tokenizer, cfg: DataConfig, source: str, spec: DataSource | None = None):
     """Map records to ``input_ids``/``labels`` (truncated, first label masked); returns ``(dataset, stats)``."""
-    fmt = Formatter(tokenizer, cfg, source)
+    fmt = Formatter(tokenizer, cfg, source, spec)
     max_len = cfg.max_seq_len
 
     def encode(row, idx):
@@ -181,34 +221,6 @@ def tokenize(ds, tokenizer, cfg: DataConfig, source: str):
     stats.tokens = int(sum(len(x) for x in out["input_ids"]))
     stats.examples = len(out)
     return out, stats
-
-
-def pack(ds, max_len: int):
-    """Greedy in-order packing of whole examples into rows of at most ``max_len`` tokens.
-
-    ``position_ids`` restart at 0 for each example; with no attention mask, transformers
-    derives a block-diagonal causal mask from them, so examples do not attend to each other.
-    """
-
-    def pack_batch(batch):
-        rows = {"input_ids": [], "labels": [], "position_ids": [], "n_labels": []}
-        empty = lambda: {"input_ids": [], "labels": [], "position_ids": [], "n_labels": 0}  # noqa: E731
-        cur = empty()
-        for ids, labels, n in zip(batch["input_ids"], batch["labels"], batch["n_labels"]):
-            if cur["input_ids"] and len(cur["input_ids"]) + len(ids) > max_len:
-                for k in rows:
-                    rows[k].append(cur[k])
-                cur = empty()
-            cur["input_ids"] += ids
-            cur["labels"] += labels
-            cur["position_ids"] += list(range(len(ids)))
-            cur["n_labels"] += n
-        if cur["input_ids"]:
-            for k in rows:
-                rows[k].append(cur[k])
-        return rows
-
-    return ds.map(pack_batch, batched=True, batch_size=1000, remove_columns=ds.column_names, desc="packing")
 
 
 @functools.lru_cache(maxsize=2)  # called every step; the order changes once per epoch

@@ -1,5 +1,5 @@
 """Process-group plumbing: join the launcher's world, release DeepSpeed's CPU buffers, sum over
-ranks, local rank 0 first, stop signals, leave the group."""
+ranks, one rank first (with a wait of its own), stop signals, leave the group."""
 
 from __future__ import annotations
 
@@ -67,14 +67,45 @@ def release_cpu_allreduce_buffer() -> None:
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 
+def wait_group(timeout_minutes: float):
+    """A gloo group of every rank whose collectives may wait ``timeout_minutes``: for waits on work
+    one rank does alone (tokenizing a dataset), which the default group's timeout (and NCCL's
+    watchdog) would abort. Called by every rank."""
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
 @contextlib.contextmanager
-def local_main_first(local_rank: int):
-    """Local rank 0 runs the body first (filling the datasets cache); the other ranks then read it."""
-    if local_rank != 0:
-        dist.barrier()
+def first_then_others(first: bool, group):
+    """Ranks with ``first`` run the body, then the others do; the wait is a barrier of ``group``."""
+    if not first:
+        dist.barrier(group=group)
     yield
-    if local_rank == 0:
-        dist.barrier()
+    if first:
+        dist.barrier(group=group)
+
+
+def all_see(directory: Path, group) -> bool:
+    """Whether every rank sees a file that rank 0 creates in ``directory``: a filesystem all ranks share.
+
+    A node that cannot see it yet (NFS caching) counts as not sharing: the safe answer."""
+    import uuid
+
+    name = [f".allora_ds-probe-{uuid.uuid4().hex}"]
+    dist.broadcast_object_list(name, src=0, group=group)
+    probe = Path(directory) / name[0]
+    if dist.get_rank() == 0:
+        try:
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.touch()
+        except OSError:
+            pass
+    dist.barrier(group=group)
+    seen = torch.tensor([float(probe.exists())])
+    dist.all_reduce(seen, op=dist.ReduceOp.MIN, group=group)
+    dist.barrier(group=group)  # every rank has looked
+    if dist.get_rank() == 0:
+        probe.unlink(missing_ok=True)
+    return bool(seen.item())
 
 
 def all_reduce_sum(values: list, device) -> list[float]:

@@ -126,16 +126,15 @@ def export_merged(ckpt: Path, output: Path, base: str | None = None, dtype: str 
                 meta = f.metadata() or {}
                 for key in f.keys():
                     tensor = f.get_tensor(key)
+                    target = TORCH_DTYPES[dtype] if dtype and tensor.is_floating_point() else tensor.dtype
                     if key in want:
                         A, B = pairs[want[key]]
                         if tensor.shape != (B.shape[0], A.shape[1]):
                             raise UserError(f"adapter {want[key]} is {B.shape[0]}x{A.shape[1]} but base weight {key} "
                                             f"is {tuple(tensor.shape)}: the checkpoint was trained on another base")
-                        tensor = merged_weight(tensor, A, B, scale)
+                        tensor = merged_weight(tensor, A, B, scale, target)  # rounded once, to the output dtype
                         merged.add(key)
-                    if dtype and tensor.is_floating_point():
-                        tensor = tensor.to(TORCH_DTYPES[dtype])
-                    tensors[key] = tensor.contiguous()
+                    tensors[key] = tensor.to(target).contiguous()
             save_file(tensors, str(tmp / shard), metadata={**meta, "format": "pt"})
             del tensors
         missing = sorted(set(want) - merged)

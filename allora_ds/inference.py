@@ -124,23 +124,39 @@ def _from_pretrained(path: str, what: str, dtype: torch.dtype, device_map, trust
 
 def merge_checkpoint_adapters(model: torch.nn.Module, ckpt: Path, base: str) -> int:
     """Add a checkpoint's ``scale * B A`` to the matching weights of ``model``; returns the count."""
-    from allora_ds.adapters import merged_weight
     from allora_ds.checkpoint import read_trainer_state
     from allora_ds.export import adapter_pairs
 
-    scale = float(read_trainer_state(ckpt)["adapter"]["scale"])
+    return merge_adapters(model, adapter_pairs(ckpt), float(read_trainer_state(ckpt)["adapter"]["scale"]),
+                          f"checkpoint {ckpt}", base)
+
+
+def merge_adapters(model: torch.nn.Module, pairs: dict, scale: float, what: str, base: str) -> int:
+    """Add ``scale * B A`` of each ``{module_name: (A, B)}`` to ``model``'s weights, in place.
+
+    Every target is checked before any is changed. A weight that accelerate offloaded (a device
+    map with cpu or disk entries) lives on ``meta`` in the module and in accelerate's weight map
+    elsewhere: a copy into it does nothing, so the model would be evaluated without those layers'
+    adapters. That is refused (PEFT adapters are fine: PEFT's merge loads offloaded layers).
+    """
+    from allora_ds.adapters import merged_weight
+
     modules = dict(model.named_modules())
-    pairs = adapter_pairs(ckpt)
     for name, (A, B) in pairs.items():
         layer = modules.get(name)
         if not isinstance(layer, torch.nn.Linear):
-            raise UserError(f"--model: checkpoint {ckpt} adapts {name}, which the base {base} does not have: "
+            raise UserError(f"--model: {what} adapts {name}, which the base {base} does not have: "
                             "it was trained on another architecture")
         if tuple(layer.weight.shape) != (B.shape[0], A.shape[1]):
             raise UserError(f"--model: adapter {name} is {B.shape[0]}x{A.shape[1]} but the base {base} has "
                             f"{tuple(layer.weight.shape)}: the checkpoint was trained on another base")
-        with torch.no_grad():
-            w = layer.weight
+        if layer.weight.device.type == "meta":
+            raise UserError(f"--device-map: {name} is offloaded (cpu/disk) by the device map, and the adapters of a "
+                            f"training checkpoint cannot be merged into offloaded weights; export it first "
+                            f"(allora-export --merged) and evaluate the merged model, or give the model enough GPUs")
+    with torch.no_grad():
+        for name, (A, B) in pairs.items():
+            w = modules[name].weight
             w.copy_(merged_weight(w, A.to(w.device), B.to(w.device), scale))
     return len(pairs)
 

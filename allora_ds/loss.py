@@ -9,7 +9,8 @@ logits to fp32: ~0.5 GB (bf16) + ~1 GB (fp32) + ~1 GB (log-softmax) per 2,048 to
 * they are projected ``chunk`` rows at a time; each chunk's logits are upcast to fp32 (the
   weight never is), turned into the loss *and* into ``d loss / d hidden`` for those rows at once
   (``(softmax - onehot) @ W``), then freed. Backward only scales that gradient, so the LM
-  head weight is needed in forward only: under ZeRO-3 it is gathered once per micro-batch;
+  head weight is needed in forward only: under ZeRO-3 it is gathered once per micro-batch, the
+  gather overlapping the decoder's forward;
 * the result equals ``ForCausalLMLoss(lm_head(hidden), labels, num_items_in_batch=...)``: the
   same shift, ignore index, sum / ``num_items_in_batch`` (mean when it is None) and gradients,
   up to fp32 summation order.
@@ -46,7 +47,7 @@ SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen
 DECODER_KWARGS = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "use_cache",
                   "output_attentions", "output_hidden_states", "cu_seq_lens_q", "cu_seq_lens_k",
                   "max_length_q", "max_length_k", "seq_idx")
-LOSS_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "ignore_index")
+LOSS_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "ignore_index", "label_positions")
 
 
 def chunk_rows(vocab: int, elements: int = CHUNK_ELEMENTS) -> int:
@@ -140,23 +141,51 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
 
 
 @contextlib.contextmanager
-def full_weight(weight: torch.nn.Parameter):
-    """``weight`` whole for the duration: under ZeRO-3 gathered (one collective on every rank,
-    whatever its labels) and partitioned again on exit, unless DeepSpeed already holds it whole
-    (a persistent parameter, or a tied embedding its coordinator has not released)."""
+def gathered_head(weight: torch.nn.Parameter, early: bool = True):
+    """Yields a function that returns ``weight`` whole, for the duration of the context.
+
+    Under ZeRO-3 the all-gather is issued on entry (``early``), so that it runs while the decoder
+    computes, and waited for on the first call; the weight is partitioned again on exit. It is
+    DeepSpeed's handle-based ``all_gather_coalesced``, as its coordinator uses for every layer:
+    under hpZ it gathers from the secondary copy inside the node, and waiting makes the device
+    wait, not the host. (``GatheredParameters`` gathers over all ranks and ends with
+    ``synchronize()`` on CUDA.) One collective on every rank, whatever its labels.
+
+    Nothing is gathered when DeepSpeed already holds the weight whole: a persistent parameter, or
+    a head tied to the input embedding that the coordinator has not released. A tied head must not
+    be gathered early (``early=False``): the coordinator fetches and releases it with the embedding
+    during the decoder, so it is looked at when first needed, after the decoder.
+    """
     if not hasattr(weight, "ds_id"):
-        yield weight
+        yield lambda: weight
         return
-    import deepspeed
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    if weight.ds_status == ZeroParamStatus.AVAILABLE:
-        yield weight
-        return
-    if weight.ds_status == ZeroParamStatus.INFLIGHT:  # only DeepSpeed's prefetcher puts it there
-        raise RuntimeError("the LM head weight is being prefetched by DeepSpeed; the chunked loss cannot gather it")
-    with deepspeed.zero.GatheredParameters([weight]):
-        yield weight
+    handle, started = None, False
+
+    def start():
+        nonlocal handle, started
+        started = True
+        if weight.ds_status == ZeroParamStatus.INFLIGHT:  # only DeepSpeed's prefetcher puts it there
+            raise RuntimeError("the LM head weight is being prefetched by DeepSpeed; the chunked loss cannot gather it")
+        if weight.ds_status == ZeroParamStatus.NOT_AVAILABLE:
+            handle = weight.all_gather_coalesced([weight])
+
+    def whole():
+        if not started:
+            start()
+        if handle is not None:
+            handle.wait()
+        return weight
+
+    if early:
+        start()
+    try:
+        yield whole
+    finally:
+        if handle is not None:  # wait: a no-op once waited for; after an exception it is still needed
+            handle.wait()
+            weight.partition(param_list=[weight], has_been_updated=False)
 
 
 def head_weight(model: nn.Module) -> nn.Parameter:
@@ -165,7 +194,7 @@ def head_weight(model: nn.Module) -> nn.Parameter:
     Inside the engine's forward, ZeRO-3 gathers a partitioned parameter read as ``module.weight``
     and registers it as an external parameter of the enclosing module (here the whole model), which
     then gathers it again for the backward, where the chunked loss does not need it. Iterating over
-    ``named_parameters`` does not go through that getter, so ``full_weight`` alone decides.
+    ``named_parameters`` does not go through that getter, so ``gathered_head`` alone decides.
     """
     return dict(model.lm_head.named_parameters(recurse=False))["weight"]
 
@@ -217,11 +246,15 @@ def _forward(self, *args, chunk=None, **kwargs):
     if args or unknown or kwargs.get("use_cache") or (kwargs.get("labels") is None and kwargs.get("shift_labels") is None):
         return type(self).forward(self, *args, **kwargs)
     loss_kw = {k: kwargs.pop(k) for k in LOSS_KWARGS if k in kwargs}
-    # Its host sync happens here, before the decoder's kernels are queued, so it waits for little.
-    positions = label_positions(loss_kw.get("labels"), loss_kw.get("shift_labels"),
-                                loss_kw.get("ignore_index", IGNORE_INDEX))
-    out = self.model(**kwargs)
-    with full_weight(head_weight(self)) as w:
-        loss = linear_cross_entropy(out.last_hidden_state, w, num_items_in_batch=loss_kw.get("num_items_in_batch"),
+    # ``label_positions``: computed by the caller where the labels are on the host (the trainer's
+    # collate); otherwise here, whose host sync comes before the decoder's kernels are queued.
+    positions = loss_kw.get("label_positions") or label_positions(
+        loss_kw.get("labels"), loss_kw.get("shift_labels"), loss_kw.get("ignore_index", IGNORE_INDEX))
+    weight = head_weight(self)
+    embedding = dict(self.get_input_embeddings().named_parameters(recurse=False)).get("weight")
+    # Untied: the head's gather runs while the decoder computes. Tied: after it (see gathered_head).
+    with gathered_head(weight, early=weight is not embedding) as head:
+        out = self.model(**kwargs)
+        loss = linear_cross_entropy(out.last_hidden_state, head(), num_items_in_batch=loss_kw.get("num_items_in_batch"),
                                     positions=positions, chunk=chunk)
     return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states, attentions=out.attentions)

@@ -1,4 +1,4 @@
-"""Training metrics: metrics.jsonl (+ TensorBoard) on rank 0, log windows over ranks, MFU."""
+"""Training metrics: metrics.jsonl (+ the trackers of train.report_to) on rank 0, log windows over ranks, MFU."""
 
 from __future__ import annotations
 
@@ -11,31 +11,25 @@ import torch
 from allora_ds import flops, log
 from allora_ds.config import Config
 from allora_ds.distributed import all_reduce_sum
+from allora_ds.trackers import Trackers
 
 
 class MetricsLog:
-    """metrics.jsonl (+ TensorBoard when installed) on rank 0."""
+    """metrics.jsonl and the trackers of ``train.report_to`` (trackers.py), on rank 0 only."""
 
-    def __init__(self, out: Path, enabled: bool):
-        self.enabled, self.tb = enabled, None
+    def __init__(self, out: Path, enabled: bool, cfg: Config | None = None, run_id: str = ""):
+        self.enabled, self.trackers = enabled, None
         if enabled:
             self.f = open(out / "metrics.jsonl", "a", encoding="utf-8")
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                pass
+            names = cfg.train.report_to if cfg is not None else ["tensorboard"]
+            self.trackers = Trackers(names, out, cfg.to_dict() if cfg is not None else {}, run_id)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         self.f.write(json.dumps(record) + "\n")
         self.f.flush()
-        if self.tb:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+        self.trackers.log(record)
 
     def __enter__(self) -> MetricsLog:
         return self
@@ -43,8 +37,7 @@ class MetricsLog:
     def __exit__(self, *exc) -> None:
         if self.enabled:
             self.f.close()
-            if self.tb:
-                self.tb.close()
+            self.trackers.close()
 
 
 @dataclass

@@ -62,7 +62,7 @@ def stop_token_ids(tok, data_format: str) -> list[int]:
     reply ends with the special tokens the chat template writes right after it (Llama-3:
     ``<|eot_id|>``, ChatML: ``<|im_end|>``), which are labelled with the reply.
     """
-    if data_format != "chat":
+    if data_format not in ("chat", "sharegpt"):  # both are rendered by the chat template
         return [] if tok.eos_token_id is None else [tok.eos_token_id]
     reply = "allora reply"
     text = tok.apply_chat_template([{"role": "user", "content": "allora prompt"}, {"role": "assistant", "content": reply}],
@@ -97,9 +97,7 @@ def load_model(cfg: Config, ds_config: dict, verbose: bool = True, architecture=
     mc = cfg.model
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     keepalive = HfDeepSpeedConfig(ds_config) if zero3 else None
-    kwargs = dict(dtype=TORCH_DTYPES[mc.dtype], trust_remote_code=mc.trust_remote_code, revision=mc.revision)
-    if mc.attn_implementation:
-        kwargs["attn_implementation"] = mc.attn_implementation
+    kwargs = base_load_kwargs(mc, zero3)
     try:
         if architecture is not None:
             model = AutoModelForCausalLM.from_config(architecture, dtype=kwargs["dtype"],
@@ -132,6 +130,25 @@ def load_model(cfg: Config, ds_config: dict, verbose: bool = True, architecture=
     return model, keepalive, counts
 
 
+def base_load_kwargs(mc: ModelConfig, zero3: bool) -> dict:
+    """``from_pretrained``'s arguments for the base model.
+
+    Without ZeRO-3 every rank holds the whole base: it is read from the file straight onto this
+    rank's device (DeepSpeed's current device, set from LOCAL_RANK by init_distributed). Loaded
+    into host memory first, the 8 ranks of an 8B node would each hold a 16 GB copy in RAM before
+    deepspeed.initialize moved it; this way the node holds the file's pages once, in its page
+    cache. Under ZeRO-3, zero.Init partitions the weights as they are created (no device_map).
+    """
+    kwargs = dict(dtype=TORCH_DTYPES[mc.dtype], trust_remote_code=mc.trust_remote_code, revision=mc.revision)
+    if mc.attn_implementation:
+        kwargs["attn_implementation"] = mc.attn_implementation
+    if not zero3:
+        from deepspeed.accelerator import get_accelerator
+
+        kwargs["device_map"] = {"": get_accelerator().current_device_name()}
+    return kwargs
+
+
 def build_engine(cfg: Config, ds_config: dict, model, total_steps: int):
     """The DeepSpeed engine over ``model``'s trainable parameters, with the config's LR schedule."""
     import deepspeed
@@ -153,3 +170,38 @@ def build_engine(cfg: Config, ds_config: dict, model, total_steps: int):
 def flat_batches(model) -> bool:
     """Whether micro-batches reach ``model`` flattened into one row (flash attention; see data.collate)."""
     return model.config._attn_implementation in FLASH_ATTENTION
+
+
+def discard_step(engine) -> None:
+    """End the optimizer step without applying it: its gradients are dropped, the weights, the
+    optimizer state and the LR schedule do not move, and the next step starts from zero gradients.
+
+    ``zero_grad`` is not enough under ZeRO-1/2: with a gradient accumulation dtype (fp32 in our
+    bf16 configs) the reduced partitions live in ``averaged_gradients`` and the micro-step count in
+    the optimizer, and the next step would add onto the dropped (non-finite) sum; DeepSpeed would
+    then skip that step too ("OVERFLOW!") while we count it applied. So each ZeRO optimizer is left
+    as its own overflow branch leaves it (DeepSpeed 0.19: stage_1_and_2.py ``step``, stage3.py
+    ``_overflow_clean_up``); tests/integration/test_layouts.py runs this on every shipped layout.
+    """
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
+
+    opt = engine.optimizer
+    if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
+        opt._overflow_clean_up(opt.loss_scale)  # zero_grad (micro_step_id = 0), then the fp32 partitions
+    elif isinstance(opt, DeepSpeedZeroOptimizer):
+        opt.micro_step_id = INITIAL_MICRO_STEP_ID
+        opt.zero_grad(set_to_none=True)
+        opt._release_preflattened_grad_buffers()
+        if opt.cpu_offload:
+            opt._offload_accumulated_param_ids = set()
+            opt.reset_cpu_buffers()
+        else:
+            for k in opt.averaged_gradients:
+                opt.averaged_gradients[k] = None
+                opt.all_grad_tensors[k] = None
+    elif engine.bfloat16_enabled() or engine.fp16_enabled():
+        opt.zero_grad()  # BF16_Optimizer / FP16_Optimizer: their fp32 gradient buffers too
+    else:
+        engine.zero_grad()
+    engine.micro_steps += 1  # the boundary micro-step happened; the next step starts afresh

@@ -29,23 +29,24 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from allora_ds import checkpoint, flops, log
+from allora_ds import checkpoint, flops, log, mixture
 from allora_ds._testing import faults
 from allora_ds.adapters import scale_diagnostics
-from allora_ds.config import Config, is_local_path, load_config, save_config, schema_text
-from allora_ds.data import (
-    IGNORE, check_fields, collate, epoch_order, example_lengths, label_count, load_records, rounds_per_epoch, pack,
-    rank_micro_batch, tokenize,
-)
+from allora_ds.config import Config, load_config, save_config, schema_text
+from allora_ds.data import IGNORE, collate, epoch_order, example_lengths, label_count, rounds_per_epoch, rank_micro_batch
 from allora_ds.distributed import (
-    all_reduce_sum, init_distributed, install_stop_handlers, leave_process_group, local_main_first,
+    all_reduce_sum, init_distributed, install_stop_handlers, leave_process_group,
 )
 from allora_ds.ds_config import fill_ds_config, read_ds_config
 from allora_ds.errors import ReportedError, UserError, cli
 from allora_ds.extensions import check_build_locks
 from allora_ds.launch_env import check_launch_env
+from allora_ds.loss import installed as chunked_loss_installed
+from allora_ds.loss import label_positions
 from allora_ds.metrics import LogWindow, MetricsLog, peak_tflops
-from allora_ds.modeling import build_engine, flat_batches, load_model, load_model_config, load_tokenizer
+from allora_ds.modeling import (
+    build_engine, discard_step, flat_batches, load_model, load_model_config, load_tokenizer,
+)
 
 
 class NonFiniteLoss(ReportedError):
@@ -70,11 +71,13 @@ class TrainingRun:
     total_steps: int
     label_counts: list[int] = field(default_factory=list)  # labelled tokens of every train row
     flatten: bool = False  # one row per micro-batch (flash attention), see data.collate
+    host_label_positions: bool = False  # the chunked loss is installed: see model_inputs
     flop_model: flops.FlopModel | None = None
     peak_tflops: float | None = None  # per device, for MFU; None: not reported
     run_id: str = ""  # names this run's checkpoints (kept across resumes); pruning touches no others
     step: int = 0
     skipped_steps: int = 0
+    schedule_batch: int = 0  # sequences per step train.max_steps/warmup_steps count (checkpoint.Continuation); 0: ours
     stop_signal: threading.Event = field(default_factory=threading.Event)  # set by a signal on this rank
     stop_requested: bool = False  # set when any rank got one, at the same step on all ranks
     keepalive: list = field(default_factory=list)  # objects that must outlive deepspeed.initialize
@@ -85,27 +88,12 @@ class TrainingRun:
 
 
 def prepare_data(cfg: Config, tokenizer, rank: int):
-    """Tokenized (and packed) train/eval datasets; prints the truncation report on rank 0."""
-    d = cfg.data
-    rows = load_records(d.train, d.split, "data.train")
-    check_fields(rows, d, "data.train", d.train)
-    eval_rows = None
-    if d.eval:
-        eval_rows = load_records(d.eval, d.split, "data.eval")
-        check_fields(eval_rows, d, "data.eval", d.eval)
-    elif d.eval_fraction > 0:
-        split = rows.train_test_split(test_size=d.eval_fraction, seed=cfg.train.seed)
-        rows, eval_rows = split["train"], split["test"]
-    out = []
-    for name, ds, src in (("train", rows, d.train), ("eval", eval_rows, d.eval or d.train)):
-        if ds is None:
-            out.append(None)
-            continue
-        ds, stats = tokenize(ds, tokenizer, d, src)
-        if rank == 0:
-            log.info(stats.describe(f"{name} data", d.max_seq_len))
-        out.append(pack(ds, d.max_seq_len) if d.packing else ds)
-    return out
+    """Tokenized (mixed, packed) train/eval datasets (mixture.prepare); prints the data report on rank 0."""
+    data = mixture.prepare(cfg, tokenizer)
+    if rank == 0:
+        for line in data.report(cfg):
+            log.info(line)
+    return data.train.rows, data.eval.rows if data.eval else None
 
 
 def setup(cfg: Config) -> TrainingRun:
@@ -113,10 +101,7 @@ def setup(cfg: Config) -> TrainingRun:
     # Check everything a user can get wrong before any process group or model exists.
     ds_raw = read_ds_config(cfg.train.deepspeed)
     model_config = load_model_config(cfg.model)
-    for key in ("train", "eval"):
-        src = getattr(cfg.data, key)
-        if src and is_local_path(src) and not Path(src).expanduser().exists():
-            raise UserError(f"data.{key}: {src} does not exist")
+    mixture.check_paths(cfg)
     check_launch_env()  # before init_distributed fills in a world of one
     check_build_locks()  # a stale JIT-build lock would make the first DeepSpeed op wait forever
 
@@ -126,7 +111,7 @@ def setup(cfg: Config) -> TrainingRun:
     torch.manual_seed(cfg.train.seed)
 
     tokenizer = load_tokenizer(cfg.model)
-    with local_main_first(local_rank):
+    with mixture.tokenizing_rank_first(cfg.data.tokenize_timeout_minutes, local_rank):
         train_rows, eval_rows = prepare_data(cfg, tokenizer, rank)
     tc = cfg.train
     rounds = rounds_per_epoch(len(train_rows), tc.micro_batch_size, world)
@@ -143,14 +128,17 @@ def setup(cfg: Config) -> TrainingRun:
     run = TrainingRun(cfg=cfg, out=out, rank=rank, world=world, engine=engine, pad_token_id=tokenizer.pad_token_id,
                       train_rows=train_rows, eval_rows=eval_rows, rounds_per_epoch=rounds, total_steps=total,
                       keepalive=[keepalive], label_counts=train_rows["n_labels"], flatten=flat_batches(model),
+                      host_label_positions=chunked_loss_installed(model),
                       flop_model=flops.flop_model(model), peak_tflops=peak_tflops(cfg),
                       run_id=(state or {}).get("run_id") or uuid.uuid4().hex)
     log.info(f"{world} rank(s), {steps_per_epoch} steps/epoch, {total} steps, global batch "
              f"{tc.micro_batch_size * tc.gradient_accumulation_steps * world} sequences")
     if ckpt is not None:
-        checkpoint.load(engine, ckpt, rank)
-        run.step, run.skipped_steps = state["step"], state.get("skipped_steps", 0)
+        resumed = checkpoint.load(engine, ckpt, state, cfg, rank, world, steps_per_epoch, total)
+        run.step, run.skipped_steps = resumed.step, state.get("skipped_steps", 0)
+        run.total_steps, run.schedule_batch = resumed.total_steps, resumed.schedule_batch
         log.info(f"resumed from {ckpt} at step {run.step}")
+    checkpoint.warn_if_low_space(engine, out, tc.keep_last)
     if replace_old_run:
         dist.barrier()  # every rank has read what it resumes from, wherever that was
     if rank == 0:  # only now: a run that failed to set up leaves an existing output_dir untouched
@@ -160,7 +148,7 @@ def setup(cfg: Config) -> TrainingRun:
         out.mkdir(parents=True, exist_ok=True)
         (out / "ds_config.json").write_text(json.dumps(ds, indent=2))
         save_config(cfg, out / "config.yaml")
-        checkpoint.truncate_metrics(out / "metrics.jsonl", run.step)
+        checkpoint.truncate_metrics(out / "metrics.jsonl", state["step"] if state else run.step)
     return run
 
 
@@ -198,8 +186,17 @@ def micro_batches(run: TrainingRun, step: int) -> StepBatch:
     return batch
 
 
-def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def model_inputs(run: TrainingRun, batch: dict) -> dict:
+    """A collated micro-batch as the engine's keyword arguments, on the device.
+
+    With the chunked loss, the labelled positions are found here, on the host copy of the labels:
+    a ``nonzero`` on the device would make the host wait for the device once per micro-batch.
+    """
+    dev = run.engine.device
+    out = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if run.host_label_positions:
+        out["label_positions"] = tuple(t.to(dev, non_blocking=True) for t in label_positions(batch["labels"]))
+    return out
 
 
 def train_step(run: TrainingRun) -> tuple[torch.Tensor, StepBatch, bool]:
@@ -221,7 +218,7 @@ def train_step(run: TrainingRun) -> tuple[torch.Tensor, StepBatch, bool]:
     loss_share = torch.zeros((), dtype=torch.float32, device=eng.device)
     nonfinite = torch.zeros((), dtype=torch.float32, device=eng.device)
     for k, b in enumerate(sb.batches):
-        loss = eng(**_to_device(b, eng.device), num_items_in_batch=per_micro).loss
+        loss = eng(**model_inputs(run, b), num_items_in_batch=per_micro).loss
         loss = faults.maybe_poison_loss(loss, run.step + 1, k + 1)
         nonfinite += (~torch.isfinite(loss.detach())).float()
         # A non-finite micro-batch still goes through backward (its gradients are dropped with the
@@ -239,19 +236,10 @@ def train_step(run: TrainingRun) -> tuple[torch.Tensor, StepBatch, bool]:
             raise NonFiniteLoss(f"non-finite loss at step {run.step + 1}; stopped (train.nonfinite=stop). "
                                 f"The last good checkpoint is kept in {run.out / checkpoint.CKPT_DIR}; "
                                 "lower train.lr or check the data, then resume")
-        skip_step(eng)
+        discard_step(eng)
     else:
         eng.step()
     return loss_share, sb, not n_nonfinite
-
-
-def skip_step(engine) -> None:
-    """Drop the gradients accumulated in this step and move on without an optimizer/scheduler step."""
-    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
-        engine.optimizer.zero_grad()
-    else:
-        engine.zero_grad()
-    engine.micro_steps += 1
 
 
 def evaluate(run: TrainingRun) -> dict:
@@ -272,7 +260,7 @@ def evaluate(run: TrainingRun) -> dict:
             batch_rows = [rows[i] if i >= 0 else {**rows[0], "labels": [IGNORE] * len(rows[0]["labels"])} for i in idx]
             b = collate(batch_rows, run.pad_token_id, run.flatten)
             n = label_count(b)
-            out = eng(**_to_device(b, eng.device), num_items_in_batch=1.0)
+            out = eng(**model_inputs(run, b), num_items_in_batch=1.0)
             if n:
                 loss_sum += out.loss.detach().double()
                 n_tok += n
@@ -285,7 +273,7 @@ def evaluate(run: TrainingRun) -> dict:
 def save(run: TrainingRun) -> Path:
     tc = run.cfg.train
     state = checkpoint.trainer_state(run.cfg, run.step, run.run_id, run.rounds_per_epoch // tc.gradient_accumulation_steps,
-                                     run.skipped_steps, run.world)
+                                     run.skipped_steps, run.world, run.schedule_batch)
     return checkpoint.save(run.engine, run.out, run.step, state, tc.keep_last, run.rank)
 
 
@@ -310,7 +298,9 @@ def fit(run: TrainingRun, metrics: MetricsLog) -> dict:
                 rec = {"kind": "train", "step": run.step, "epoch": round(run.step / steps_per_epoch, 4),
                        **window.record(run.engine.device, run.world, run.flop_model, run.peak_tflops),
                        "lr": run.engine.get_lr()[0],
-                       "grad_norm": _float(run.engine.get_global_grad_norm()), "skipped_steps": run.skipped_steps,
+                       # DeepSpeed keeps the last applied step's norm through a skipped one
+                       "grad_norm": _float(run.engine.get_global_grad_norm()) if applied else None,
+                       "skipped_steps": run.skipped_steps,
                        **scale_diagnostics(run.engine.module)}
                 metrics.write(rec)
                 bar.set_postfix(loss="-" if rec["loss"] is None else f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
@@ -370,7 +360,7 @@ def train(cfg: Config) -> dict:
     stop_signal = install_stop_handlers()
     run = setup(cfg)
     run.stop_signal = stop_signal
-    with MetricsLog(run.out, run.rank == 0) as metrics:
+    with MetricsLog(run.out, run.rank == 0, cfg, run.run_id) as metrics:
         result = fit(run, metrics)
     # The last collective is behind us (fit ends with a checkpoint and its barrier). Leave the
     # process group before the export: rank 0 alone reads and writes the whole model (141 GB each

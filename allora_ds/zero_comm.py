@@ -307,7 +307,7 @@ class Zero3Replay:
             for p in todo:
                 self.status[p.ds_id] = INFLIGHT
             # The coordinator gathers parameters with an hpZ secondary copy separately, inside their
-            # node; other gathers (GatheredParameters, the persistent ones after a step) use all ranks.
+            # node; other gathers (the persistent ones after a step) use all ranks.
             inner = [p for p in todo if coordinator and self.secondary[p.ds_id]]
             outer = [p for p in todo if not (coordinator and self.secondary[p.ds_id])]
             for group, size in ((inner, self.hpz), (outer, self.world)):
@@ -444,10 +444,12 @@ class Zero3Replay:
                 self.release(e.module, e.forward)
             elif e.kind == "backward_end":
                 self.backward_end()
-            elif e.kind == "head":
+            elif e.kind == "head":  # loss.gathered_head: all_gather_coalesced, then partitioned again
                 todo = [p for p in head if self.status[p.ds_id] == NOT_AVAILABLE]
-                if todo:  # deepspeed.zero.GatheredParameters: gathered, then partitioned again
-                    self.gathers.append((todo, self.world))
+                for inner in (True, False):  # from hpZ's secondary copy inside the node where there is one
+                    group = [p for p in todo if self.secondary[p.ds_id] == inner]
+                    if group:
+                        self.gathers.append((group, self.hpz if inner else self.world))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,18 +17,23 @@ the same form, and CI runs that. One process, a world of one (no launcher needed
   3. the trainer's own ``allora_ds.train.train_step`` runs ``--warmup`` untimed then ``--steps`` timed
      optimizer steps on random token sequences of ``--seq-len`` (micro-batch 1, no padding).
 
+Then the baseline users compare with, in the same process and on the same device, model shape,
+rows and (filled) DeepSpeed JSON: transformers' Trainer + PEFT LoRA (``measure_hf``; ``--no-hf``
+skips it), on the unpacked workload (Trainer has no packing of its own without flattening).
+
 Reported per method: median step time, tokens/s, MFU as the trainer reports it (allora_ds/flops.py:
 4N FLOPs per token for forward and input gradients, 2N_trainable for the adapter weight gradients,
 causal attention FLOPs; N excludes the input embedding) and the hardware FLOPs utilisation that
 also counts the recomputed forward of gradient checkpointing, peak GPU memory; and allora/lora step
-time. Prints the table last; writes JSON (default bench/results/gpu.json, which --tiny-cpu does not
-touch unless --out says so).
+time; allora_ds / HF tokens/s and peak memory. Prints the table last; writes JSON (default
+bench/results/gpu.json, which --tiny-cpu does not touch unless --out says so).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
 import sys
@@ -160,6 +165,80 @@ def measure(method: str, args, shape: dict, ds_path: Path, dtype: str, out_dir: 
     return results
 
 
+def measure_hf(args, shape: dict, ds_path: Path, dtype: str, out_dir: Path) -> dict:
+    """The baseline users compare with, on the same device, model shape, rows and DeepSpeed JSON:
+    transformers' Trainer + PEFT LoRA (r 16, alpha 32, the same 7 targets, no dropout), bf16,
+    gradient checkpointing, micro-batch 1; the model built under zero.Init from the same config
+    (random weights), the rows the unpacked workload's (seq_len tokens, no padding)."""
+    import datasets
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers.data.data_collator import default_data_collator
+
+    from allora_ds.adapters import LLAMA_TARGETS
+    from bench.hf_baseline import let_accelerate_run_deepspeed_on_cpu
+
+    let_accelerate_run_deepspeed_on_cpu()
+    cuda = torch.cuda.is_available()
+    total = args.warmup + args.steps
+    t0 = time.perf_counter()
+    # The DeepSpeed JSON as the allora_ds engine gets it, every "auto" filled (transformers does not
+    # fill our ZeRO-3 sizes), with torch's AdamW as build_engine sets it.
+    from allora_ds.ds_config import fill_ds_config, read_ds_config
+
+    cfg = train_config("lora", args.seq_len, total, dtype, ds_path, args.attn)
+    ds = fill_ds_config(read_ds_config(ds_path), cfg, 1, shape["hidden_size"], ds_path)
+    ds["optimizer"]["params"]["torch_adam"] = True
+    if not cuda:  # --tiny-cpu: Trainer refuses bf16 without a GPU; the code path runs in fp32
+        ds["bf16"]["enabled"], dtype = False, "float32"
+    ds_path = out_dir / "hf_ds_config.json"
+    ds_path.write_text(json.dumps(ds))
+    # First: its DeepSpeed config makes from_config build the model under zero.Init.
+    targs = TrainingArguments(
+        output_dir=str(out_dir / "hf"), per_device_train_batch_size=1, gradient_accumulation_steps=1, max_steps=total,
+        learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        bf16=dtype == "bfloat16", gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], deepspeed=str(ds_path),
+        seed=0, disable_tqdm=True, dataloader_drop_last=True)
+    model = AutoModelForCausalLM.from_config(llama_config(shape), dtype=getattr(torch, dtype),
+                                             attn_implementation=args.attn)
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=32.0, lora_dropout=0.0, bias="none",
+                                             target_modules=list(LLAMA_TARGETS), task_type="CAUSAL_LM"))
+    rows = random_rows(total, args.seq_len, shape["vocab_size"], seed=1)
+    ds = datasets.Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"],
+                                      "attention_mask": [1] * args.seq_len} for r in rows])
+    ends: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, *a, **kw):
+            if cuda:
+                torch.cuda.synchronize()
+            ends.append(time.perf_counter())
+
+    trainer = Trainer(model=model, args=targs, train_dataset=ds, data_collator=default_data_collator,
+                      callbacks=[StepTimer()])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    build_s = time.perf_counter() - t0 - (ends[-1] - ends[0])
+    times = [b - a for a, b in zip(ends[args.warmup - 1 if args.warmup else 0:], ends[args.warmup:])]
+    step_s = statistics.median(times)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    result = {"method": "hf_trainer_peft", "workload": f"seq {args.seq_len}", "example_len": args.seq_len,
+              "attn": args.attn, "build_s": build_s, "step_s": step_s, "step_s_all": times,
+              "tokens_per_s": args.seq_len / step_s, "mfu": None, "hfu_with_recompute": None,
+              "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+              "trainable": model.get_nb_trainable_parameters()[0], "losses": losses}
+    trainer.accelerator.free_memory()
+    del trainer, model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny-cpu", action="store_true", help="tiny model on the CPU: the code path without a GPU")
@@ -170,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per method and workload")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per method and workload")
     ap.add_argument("--out", type=Path, default=None, help="JSON (default bench/results/gpu.json on a GPU)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF Trainer + PEFT baseline")
     args = ap.parse_args(argv)
     if args.tiny_cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
@@ -195,6 +275,11 @@ def main(argv: list[str] | None = None) -> dict:
                 results.append(r)
                 print(f"{method}, {r['workload']}: built in {r['build_s']:.0f} s, step {r['step_s']:.3f} s, "
                       f"{r['tokens_per_s']:.0f} tokens/s", flush=True)
+        if not args.no_hf:
+            r = measure_hf(args, shape, ds_path, dtype, Path(tmp))
+            results.append(r)
+            print(f"HF Trainer + PEFT, {r['workload']}: step {r['step_s']:.3f} s, {r['tokens_per_s']:.0f} tokens/s",
+                  flush=True)
     by = {(r["method"], r["example_len"]): r for r in results}
     out = args.out or (RESULTS / "gpu.json" if not args.tiny_cpu else None)
     result = {
@@ -206,6 +291,11 @@ def main(argv: list[str] | None = None) -> dict:
                                   for n in (args.seq_len, args.packed_example_len)},
         "wall_s": time.perf_counter() - t_start,
     }
+    if not args.no_hf:  # what users compare: the same model, rows, device and DeepSpeed JSON
+        hf = by[("hf_trainer_peft", args.seq_len)]
+        result["tokens_per_s_over_hf"] = {m: by[(m, args.seq_len)]["tokens_per_s"] / hf["tokens_per_s"] for m in METHODS}
+        result["peak_mem_over_hf"] = ({m: by[(m, args.seq_len)]["peak_mem_gb"] / hf["peak_mem_gb"] for m in METHODS}
+                                      if hf["peak_mem_gb"] else None)
     if out:
         write_json(out, result)
     m = result["machine"]
@@ -221,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
         [r["method"], r["workload"], r["step_s"], r["tokens_per_s"], pct(r["mfu"]), pct(r["hfu_with_recompute"]),
          f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"] for r in results
     ], {2: ".3f", 3: ".0f"}))
+    for m, v in result.get("tokens_per_s_over_hf", {}).items():
+        print(f"{m} / HF Trainer + PEFT tokens/s (seq {args.seq_len}): {v:.3f}")
     for k, v in result["allora_time_over_lora"].items():
         print(f"allora / lora step time ({k}): {v:.3f}")
     return result

@@ -10,12 +10,14 @@
 #      no internet); otherwise `pip install -e .[dev]` into the active Python (its CUDA torch stays);
 #   2. the GPU-marked tests (tests/gpu, CUDA variants of the adapter-gradient tests): a 1-GPU ZeRO-3
 #      bf16 run of the tiny model under the deepspeed launcher (sdpa, and flash_attention_2 when
-#      flash-attn is installed), packing per attention backend, the export round trip;
+#      flash-attn is installed), packing per attention backend, the export round trip, ZeRO-2 bf16
+#      (the 8B default) with a skipped step, the host syncs per step on ZeRO-3 and ZeRO-2;
 #   3. bench/gpu.py on the Llama-3-8B shape: allora vs lora, seq 2048, and 2048-token rows packing
-#      256-token examples;
+#      256-token examples; HF Trainer + PEFT on the same shape, rows and DeepSpeed JSON;
 #   4. writes $GPU_CHECK_OUT/gpu_check.json (default bench/results/): machine, each test's outcome,
 #      step time, tokens/s, MFU and peak memory per method and workload.
-# Environment: PYTHON (default python3), GPU_WHEELS, GPU_CHECK_OUT (or OUT), STEPS (timed steps, 5).
+# Environment: PYTHON (default python3), GPU_WHEELS, GPU_CHECK_OUT (or OUT), STEPS (timed steps, 5),
+# QUICK=1 (the trainer tests only and 2 timed steps: under 3 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -55,18 +57,13 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 ATTN=sdpa
 if "$PY" -c 'import flash_attn' 2>/dev/null; then ATTN=flash_attention_2; fi
 
-say "GPU tests"
-tests_rc=0
-"$PY" -m pytest -q -m gpu tests/gpu tests/unit/test_adapter_gradients.py -p no:cacheprovider \
-    --junitxml "$OUT_DIR/gpu_tests.xml" || tests_rc=$?
-say "bench/gpu.py (Llama-3-8B shape, $ATTN)"
-bench_rc=0
-"$PY" bench/gpu.py --attn "$ATTN" --warmup 2 --steps "${STEPS:-5}" --out "$OUT_DIR/gpu_bench.json" || bench_rc=$?
-
-"$PY" - "$OUT_DIR" "$tests_rc" "$bench_rc" "$(( $(date +%s) - T0 ))" <<'PY'
+# The JSON is rewritten after every stage, so a run cut short (a timeout on a lent GPU) still
+# returns what ran: tests_rc/bench_rc are null for a stage that has not finished.
+report() {
+  "$PY" - "$OUT_DIR" "$1" "$2" "$(( $(date +%s) - T0 ))" <<'PY'
 import json, subprocess, sys, xml.etree.ElementTree as ET
 from pathlib import Path
-out, tests_rc, bench_rc, wall = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+out, tests_rc, bench_rc, wall = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
 tests = []
 if (out / "gpu_tests.xml").is_file():
     for case in ET.parse(out / "gpu_tests.xml").getroot().iter("testcase"):
@@ -79,11 +76,26 @@ smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_versio
 report = {"gpu": smi, "tests_rc": tests_rc, "bench_rc": bench_rc, "wall_s": wall, "tests": tests,
           "bench": None if bench is None else {
               "machine": bench["machine"], "attn": bench["attn"], "allora_time_over_lora": bench["allora_time_over_lora"],
+              "tokens_per_s_over_hf": bench.get("tokens_per_s_over_hf"), "peak_mem_over_hf": bench.get("peak_mem_over_hf"),
               "results": [{k: r[k] for k in ("method", "workload", "step_s", "tokens_per_s", "mfu", "hfu_with_recompute",
                                              "peak_mem_gb", "build_s")} for r in bench["results"]]}}
 (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
 bad = [t["test"] for t in tests if t["outcome"] in ("failure", "error")]
 print(f"gpu-check: {len(tests)} tests, {len(bad)} failed{': ' + ', '.join(bad) if bad else ''}; "
-      f"bench {'ok' if bench_rc == 0 else 'FAILED'}; {wall} s; wrote {out / 'gpu_check.json'}")
+      f"bench {'not run yet' if bench_rc is None else 'ok' if bench_rc == 0 else 'FAILED'}; {wall} s; wrote {out / 'gpu_check.json'}")
 PY
+}
+QUICK=${QUICK:-0}  # QUICK=1 (make gpu-check QUICK=1): the trainer tests and 2 timed steps, under 3 minutes
+rm -f "$OUT_DIR/gpu_tests.xml" "$OUT_DIR/gpu_bench.json"
+say "GPU tests"
+tests_rc=0
+sel=(tests/gpu tests/unit/test_adapter_gradients.py)
+[[ $QUICK == 1 ]] && sel=(tests/gpu -k "zero2 or host_syncs or zero3_bf16_run")
+"$PY" -m pytest -q -m gpu "${sel[@]}" -p no:cacheprovider --junitxml "$OUT_DIR/gpu_tests.xml" || tests_rc=$?
+report "$tests_rc" null
+say "bench/gpu.py (Llama-3-8B shape, $ATTN)"
+bench_rc=0
+steps=${STEPS:-5}; [[ $QUICK == 1 ]] && steps=2
+"$PY" bench/gpu.py --attn "$ATTN" --warmup 2 --steps "$steps" --out "$OUT_DIR/gpu_bench.json" || bench_rc=$?
+report "$tests_rc" "$bench_rc"
 exit $(( tests_rc || bench_rc ))

@@ -9,15 +9,20 @@
     slow_export      the end-of-run export after step STEP takes 45 s longer
     sigkill          the process SIGKILLs itself as step STEP starts
     sigterm, sigusr1 the process receives the signal as step STEP starts
+    eio_in_save      a write of the checkpoint of step STEP fails with EIO (after DeepSpeed wrote its part)
+    dump_restored    after resuming from the checkpoint of step STEP, every rank writes the optimizer
+                     state it restored to OUTPUT_DIR/restored-step-STEP/ (the checkpoint's elastic/ layout)
 
 Unset (always, outside tests) every hook is a no-op.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
+from pathlib import Path
 
 import torch
 
@@ -60,3 +65,14 @@ def maybe_crash_during_save(step: int) -> None:
 def before_export(step: int) -> None:
     if _planned(("slow_export",), step):
         time.sleep(SLOW_S["slow_export"])
+
+
+def maybe_fail_write(step: int) -> None:
+    if _planned(("eio_in_save",), step):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+def maybe_dump_restored(step: int, out_dir, dump) -> None:
+    """``dump(directory)`` writes the restored state; called on every rank after a resume."""
+    if _planned(("dump_restored",), step):
+        dump(Path(out_dir) / f"restored-step-{step:08d}")

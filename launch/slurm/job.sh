@@ -60,9 +60,11 @@ cmd=(deepspeed --node_rank "$SLURM_NODEID" "$@")
 echo "[$(hostname -s)] node $SLURM_NODEID:$(printf " %q" "${cmd[@]}")"
 exec "${cmd[@]}"'
 # --export=ALL: the tasks get this script's environment even under `sbatch --export=NONE`;
-# --cpus-per-task: a step task gets one CPU unless told otherwise, and it runs all the node's ranks.
-srun_opts=(--export=ALL --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --kill-on-bad-exit=1
-           --output="$LOG_DIR/node%n-%N.log" --open-mode=append)
+# --cpus-per-task: a step task gets one CPU unless told otherwise, and it runs all the node's ranks;
+# --ntasks: one per node of this run, not the SLURM_NTASKS fixed at submission (a requeued job
+# shrunk with `scontrol update NumNodes=` keeps the old count, and srun would ask for it).
+srun_opts=(--export=ALL --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1
+           --kill-on-bad-exit=1 --output="$LOG_DIR/node%n-%N.log" --open-mode=append)
 if [[ -n "${SLURM_CPUS_ON_NODE:-}" ]]; then srun_opts+=(--cpus-per-task="$SLURM_CPUS_ON_NODE"); fi
 echo "+ srun$(printf ' %q' "${srun_opts[@]}") ... deepspeed --node_rank \$SLURM_NODEID$(printf ' %q' "${ds_args[@]}")"
 

@@ -81,7 +81,9 @@ def gpu_tiny(tmp_path_factory):
 def test_gpu_bench_code_path_runs_on_cpu(gpu_tiny):
     res, stdout = gpu_tiny
     assert [(r["method"], r["example_len"]) for r in res["results"]] == [
-        ("allora", 64), ("allora", 16), ("lora", 64), ("lora", 16)]
+        ("allora", 64), ("allora", 16), ("lora", 64), ("lora", 16), ("hf_trainer_peft", 64)]
+    assert res["results"][-1]["trainable"] == res["results"][2]["trainable"], "HF + PEFT trains other adapters"
+    assert all(_positive(v) for v in res["tokens_per_s_over_hf"].values())
     for r in res["results"]:
         assert _positive(r["step_s"]) and _positive(r["tokens_per_s"]) and len(r["step_s_all"]) == 2, r
         assert all(math.isfinite(x) for x in r["losses"]) and r["trainable"] > 0, r

@@ -111,3 +111,35 @@ def test_packed_micro_batch_scores_every_example_as_if_alone_on_cuda(tiny_model,
         if attn.startswith("flash"):
             err = (loss(collate(packed, pad_id=0)) - alone).abs().max().item()
             assert err > tol, f"flash attention with 2 packed rows matched the examples alone ({err:.2e})"
+
+
+def _launch_one_gpu(cfg, tmp_path, script, *args, **env):
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", 1, "--master_port", free_port(), *script,
+           cfg, *args]
+    return run(cmd, env=gpu_env(TORCH_EXTENSIONS_DIR=tmp_path / "torch_extensions", **env), timeout=600)
+
+
+def test_zero2_bf16_applies_the_step_after_a_skipped_one_on_cuda(tiny_model, tmp_path):
+    """The 8B default layout (ZeRO-2, bf16, fp32 gradient accumulation) with step 3 non-finite and
+    train.nonfinite=skip: DeepSpeed must not skip step 4 as an overflow (docs/gpu.md, fault 1)."""
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model, tmp_path / "run", model={"dtype": "bfloat16"},
+                       train={"deepspeed": "zero2_bf16", "max_steps": 6, "save_steps": 0, "nonfinite": "skip"},
+                       export={"merged": False, "adapter": False})
+    proc = _launch_one_gpu(cfg, tmp_path, ["--module", "allora_ds.train"], ALLORA_DS_FAULT="nonfinite_loss@3")
+    assert "OVERFLOW" not in proc.stdout + proc.stderr
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "run")}
+    assert rows[3]["loss"] is None and rows[3]["lr"] == rows[2]["lr"]
+    assert rows[4]["grad_norm"] is not None and math.isfinite(rows[4]["grad_norm"]) and rows[4]["lr"] != rows[3]["lr"]
+
+
+@pytest.mark.parametrize("layout", ["zero3_bf16", "zero2_bf16"])
+def test_host_syncs_per_step_on_cuda(tiny_model, tmp_path, layout):
+    """What tests/integration/test_gpu_path.py counts on CPU ranks, counted on CUDA itself."""
+    gas = 4
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model, tmp_path / "run", model={"dtype": "bfloat16"},
+                       train={"deepspeed": layout, "gradient_accumulation_steps": gas, "micro_batch_size": 2})
+    _launch_one_gpu(cfg, tmp_path, [REPO / "tests" / "integration" / "trainer_probe_worker.py"], tmp_path / "probe")
+    syncs = {k: n for k, n in json.loads((tmp_path / "probe" / "rank-0.json").read_text())["per_step"].items() if n}
+    print(f"{layout}: host syncs per step of {gas} micro-batches: {syncs}")
+    assert {k: n for k, n in syncs.items() if k.startswith("ours.")} == {"ours.all_reduce": 1, "ours.tolist": 1}, syncs
+    assert sum(n for k, n in syncs.items() if k.startswith("transformers.")) <= 2 * gas, syncs

@@ -13,6 +13,7 @@ position_ids), and one rank gets a micro-batch without any label.
 """
 
 import argparse
+import sys
 
 import torch
 from safetensors.torch import save_file
@@ -122,16 +123,16 @@ def distributed(a):
     nonzero_b(model, lambda p: deepspeed.zero.GatheredParameters([p], modifier_rank=0))
     assert chunked_loss.install(model, chunk=a.chunk) is None
 
-    # Count the LM head's gathers: one per forward is the design.
+    # Count the LM head's gathers by the loss (not DeepSpeed's coordinator): one per forward is the design.
     gathers = []
-    enter = deepspeed.zero.GatheredParameters.__enter__
+    gather = head.all_gather_coalesced
 
-    def counting_enter(self):
-        if self.enabled and any(p is head for p in self.params):
+    def counting_gather(params, *args, **kwargs):
+        if any(p is head for p in params) and "/allora_ds/loss.py" in sys._getframe(1).f_code.co_filename:
             gathers.append(1)
-        return enter(self)
+        return gather(params, *args, **kwargs)
 
-    deepspeed.zero.GatheredParameters.__enter__ = counting_enter
+    head.all_gather_coalesced = counting_gather
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(params.values(), lr=LR), config=cfg)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import BIN, run, train_cmd, write_config
+from tests.helpers import ASSETS, BIN, run, train_cmd, write_config
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # the trainer or its ranks run in child processes
 
@@ -53,6 +53,41 @@ def _cases(tmp: Path, model: Path):
         ("target-matches-nothing", None, ["adapter.target_modules=q_proj,qkv"], r"adapter.target_modules: adapter target\(s\) 'qkv' match no module"),
         ("resume-missing", None, [f"train.resume={tmp / 'no-ckpt'}"], r"train.resume: checkpoint .*no-ckpt does not exist"),
         ("resume-incomplete", None, [f"train.resume={incomplete}"], r"train.resume: .*ckpt-incomplete is not a complete checkpoint"),
+        *_data_cases(tmp, model),
+    ]
+
+
+def _chat(tmp: Path, name: str, *turns) -> dict:
+    """A data section: one conversation (``turns``) in a chat file, no eval set."""
+    return {"data": {"train": _write(tmp / name, json.dumps({"messages": list(turns)}) + "\n"), "format": "chat", "eval": None}}
+
+
+def _data_cases(tmp: Path, model: Path):
+    """The refusals of chat data, mixtures, pre-tokenized data and trackers."""
+    from allora_ds.data_cli import main as allora_data
+
+    user = {"role": "user", "content": "hi"}
+    made = tmp / "tokenized-64"
+    cfg = write_config(tmp / "made.yaml", model, tmp / "made-run", data={"max_seq_len": 64})
+    allora_data([str(cfg), "-n", "0", "--save", str(made)])  # pre-tokenized at another max_seq_len
+    return [
+        ("chat-image-part", _chat(tmp, "image.jsonl", {"role": "user", "content": [{"type": "text", "text": "what?"},
+                                                                                 {"type": "image_url", "image_url": {"url": "a.png"}}]},
+                                  {"role": "assistant", "content": "a cat"}),
+         [], r"image.jsonl: row 1: message 1, part 2 has type 'image_url': only text parts can be trained on"),
+        ("chat-null-content", _chat(tmp, "null.jsonl", user, {"role": "assistant", "content": None}),
+         [], r"null.jsonl: row 1: message 2 \(assistant\) has no 'content' \(null or missing\)"),
+        ("chat-unknown-role", _chat(tmp, "role.jsonl", {"role": "narrator", "content": "once"}, user,
+                                    {"role": "assistant", "content": "x"}),
+         [], r"role.jsonl: row 1: message 1: unknown role 'narrator'"),
+        ("mixture-missing-source", {"data": {"train": [{"path": str(tmp / "nofield.jsonl")}, {"path": str(tmp / "gone.jsonl")}]}},
+         [], r"data.train\[1\]: .*gone.jsonl does not exist"),
+        ("mixture-bad-row", {"data": {"train": [{"path": str(ASSETS / "demo_train.jsonl")}, {"path": _write(
+            tmp / "badrow.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": 5}\n')}]}},
+         [], r"data.train\[1\]: .*badrow.jsonl: row 2: field 'output' must be a string, got int"),
+        ("tokenized-mismatch", None, [f"data.tokenized={made}"],
+         r"data.tokenized: .*tokenized-64 was made differently \(max_seq_len: 64 there, 96 here\)"),
+        ("unknown-tracker", None, ["train.report_to=[wandb,neptune]"], r"train.report_to: 'neptune' is not one of tensorboard, wandb, mlflow"),
     ]
 
 
@@ -71,7 +106,8 @@ def setup(tiny_model, tmp_path_factory):
 CASES = ["malformed-jsonl-line", "missing-field", "empty-dataset", "missing-data-file", "unsupported-data-file",
          "unknown-config-key", "bad-override-syntax", "bad-value-type", "missing-model-path", "not-a-causal-lm",
          "missing-ds-config", "invalid-ds-json", "ds-config-conflict", "ds-config-scheduler", "adapter-rank",
-         "target-matches-nothing", "resume-missing", "resume-incomplete"]
+         "target-matches-nothing", "resume-missing", "resume-incomplete", "chat-image-part", "chat-null-content",
+         "chat-unknown-role", "mixture-missing-source", "mixture-bad-row", "tokenized-mismatch", "unknown-tracker"]
 
 
 @pytest.mark.parametrize("name", CASES)

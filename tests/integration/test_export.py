@@ -92,6 +92,33 @@ def test_merged_export_dtype_is_converted(exported, tmp_path):
     assert next(m.parameters()).dtype == torch.bfloat16
 
 
+def test_float32_export_of_a_bf16_base_is_rounded_once(exported, tiny_model, tmp_path):
+    """The merge of a bf16 base exported as float32 is the fp32 sum W + sB A, not that sum rounded
+    to bf16 first (the adapters' update is mostly below bf16's resolution of W)."""
+    from transformers import AutoModelForCausalLM
+
+    from allora_ds.export import adapter_pairs
+
+    ckpt = exported[0]
+    bf16_base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(bf16_base)
+    export("--checkpoint", ckpt, "--output", tmp_path / "fp32", "--merged", "--base", bf16_base, "--dtype", "float32")
+    base = load_file(bf16_base / "model.safetensors")
+    merged = load_file(tmp_path / "fp32" / "model.safetensors")
+    scale = json.loads((ckpt / "trainer_state.json").read_text())["adapter"]["scale"]
+    pairs = adapter_pairs(ckpt)
+    assert pairs
+    for name, (A, B) in pairs.items():
+        key = f"{name}.weight"
+        want = base[key].float() + scale * (B.float() @ A.float())
+        assert merged[key].dtype == torch.float32
+        assert torch.equal(merged[key], want), f"{key}: not the fp32 merge"
+    key = f"{next(iter(pairs))}.weight"
+    assert not torch.equal(merged[key], merged[key].bfloat16().float()), "the merge was rounded to bf16"
+    unadapted = next(k for k in base if k.endswith("norm.weight"))
+    assert torch.equal(merged[unadapted], base[unadapted].float())
+
+
 def test_export_refuses_bad_outputs_and_bases(exported, tmp_path, tiny_model):
     from allora_ds.tiny import build_tiny
 

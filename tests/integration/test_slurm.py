@@ -12,6 +12,7 @@ Needs root (daemons, namespaces) and Slurm's Debian packages (.ci/run installs t
 installs them when missing). The cluster is torn down even when a test fails.
 """
 
+import functools
 import os
 import re
 import shutil
@@ -43,9 +44,9 @@ class Cluster:
             pytest.fail(f"{' '.join(map(str, args))} failed (rc={proc.returncode}): {proc.stderr}")
         return proc.stdout
 
-    def submit(self, out: Path, *args) -> str:
-        """sbatch the project's script for 2 CPU "nodes" x 1 rank; returns the job id."""
-        return self.cmd("sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--time=20",
+    def submit(self, out: Path, *args, nodes: str = "2") -> str:
+        """sbatch the project's script for ``nodes`` CPU "nodes" x 1 rank; returns the job id."""
+        return self.cmd("sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", "--time=20",
                         f"--output={out}/slurm-%j.out", f"--export=ALL,GPUS_PER_NODE=1,LOG_DIR={out}/logs",
                         SBATCH, *args).strip().split(";")[0]
 
@@ -69,12 +70,17 @@ class Cluster:
     def release_requeued(self, job_id: str) -> None:
         """Start a requeued job now instead of after Slurm's ~2-minute hold. The hold exists because
         slurmd refuses a launch whose credential is not newer (in whole seconds) than the kill of the
-        job's previous run: wait for the nodes to be idle, then a little more."""
-        deadline = time.monotonic() + 120
-        while set(self.cmd("sinfo", "-h", "-o", "%T").split()) != {"idle"} and time.monotonic() < deadline:
-            time.sleep(0.5)
+        job's previous run: wait for the nodes to be idle (or drained), then a little more."""
+        self.wait_idle()
         time.sleep(2)
         self.cmd("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+    def wait_idle(self, timeout: float = 120) -> None:
+        """Until no node runs or winds down a job (and none is still coming up)."""
+        deadline = time.monotonic() + timeout
+        while not set(self.cmd("sinfo", "-h", "-o", "%T").split()) <= {"idle", "drained"} \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
 
     def logs(self, out: Path) -> str:
         files = sorted(out.glob("slurm-*.out")) + sorted((out / "logs").glob("node*.log")) + \
@@ -131,6 +137,15 @@ def test_sbatch_script_trains_on_two_nodes_like_one_node(cluster, tiny_model, tm
     assert_same_training(out, ref, "sbatch on 2 Slurm nodes")
 
 
+def _trained_past(out: Path, step: int):
+    def until(job):
+        try:
+            return any(r["step"] > step for r in read_metrics(out))
+        except (OSError, ValueError):  # not written yet, or a line half-written
+            return False
+    return until
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.needs_root
@@ -143,15 +158,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tiny_model,
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model, out,
                        train={"max_steps": 100000, "save_steps": 0, "log_steps": 1, "warmup_steps": 1})
     job_id = cluster.submit(tmp_path, cfg)
-
-    def trained_past(step):
-        def until(job):
-            try:
-                return any(r["step"] > step for r in read_metrics(out))
-            except (OSError, ValueError):  # not written yet, or a line half-written
-                return False
-        return until
-
+    trained_past = functools.partial(_trained_past, out)
     cluster.wait(job_id, trained_past(1), "training to start", tmp_path)
     cluster.cmd("scancel", "--batch", "--signal=USR1", job_id)  # what Slurm sends at the time limit
     cluster.wait(job_id, lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING", "the requeue", tmp_path, timeout=300)
@@ -171,6 +178,59 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tiny_model,
     assert k < last < 100000
     steps = [r["step"] for r in read_metrics(out)]
     assert steps == list(range(1, last + 1)), f"steps not continuous across the requeue: {steps}"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.needs_root
+def test_a_requeue_onto_fewer_nodes_continues_the_run(cluster, tiny_model, tmp_path):
+    """The job trains on both nodes. An admin drains node2 (as for a failing node); at the
+    time-limit signal the job checkpoints and requeues, and waits for 2 nodes; shrunk to the one
+    node left (``scontrol update JobId=... NumNodes=1``) it starts there and continues from that
+    checkpoint on 1 rank instead of 2: at the same number of examples seen, every later step
+    logged once."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model, out,
+                       train={"max_steps": 100000, "save_steps": 0, "log_steps": 1, "warmup_steps": 1})
+    job_id = cluster.submit(tmp_path, cfg)
+    try:
+        cluster.wait(job_id, _trained_past(out, 1), "training to start", tmp_path)
+        assert cluster.job(job_id)["NodeList"] == "node[1-2]"
+        cluster.cmd("scontrol", "update", "NodeName=node2", "State=DRAIN", "Reason=allora_ds test: failing node")
+        cluster.cmd("scancel", "--batch", "--signal=USR1", job_id)
+        cluster.wait(job_id, lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING", "the requeue", tmp_path,
+                     timeout=300)
+        first = (out / "checkpoints" / "latest").read_text()
+        k = int(first.removeprefix("step-"))
+        cluster.cmd("scontrol", "update", f"JobId={job_id}", "NumNodes=1")
+        cluster.release_requeued(job_id)
+        node0 = tmp_path / "logs" / "node0-node1.log"
+        resumed = re.compile(rf"resumed from {re.escape(str(out / 'checkpoints' / first))} at step (\d+)")
+
+        def resumed_and_trained(job):
+            m = resumed.search(node0.read_text())
+            return m is not None and _trained_past(out, int(m.group(1)))(job)
+
+        cluster.wait(job_id, resumed_and_trained, "the requeued job to resume on one node and train", tmp_path)
+        assert cluster.job(job_id)["NodeList"] == "node1"
+        cluster.cmd("scancel", "--signal=USR1", job_id)
+        job = cluster.wait(job_id, lambda j: j["JobState"] in DONE, "the end of the job", tmp_path, timeout=300)
+    finally:
+        cluster.cmd("scontrol", "update", "NodeName=node2", "State=RESUME", check=False)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), cluster.logs(tmp_path)
+    batch = next(tmp_path.glob("slurm-*.out")).read_text()
+    assert "(restart 1): 1 node(s) x 1 rank(s)" in batch, batch
+    log = node0.read_text()
+    j = int(resumed.search(log).group(1))
+    epoch, into = divmod(k, 30)  # 480 examples: 30 steps of 16 sequences, 60 of 8
+    assert j == 60 * epoch + 2 * into, f"{k} steps of 16 sequences are {60 * epoch + 2 * into} steps of 8, not {j}"
+    assert f"global batch 16 -> 8 sequences: step {k} ({16 * into} examples into epoch {epoch}) continues as " \
+           f"step {j}" in log, log[-3000:]
+    assert "1 rank(s), 60 steps/epoch" in log, log[-3000:]
+    last = int((out / "checkpoints" / "latest").read_text().removeprefix("step-"))
+    assert {p.name for p in (out / "checkpoints" / f"step-{last:08d}" / "rng").iterdir()} == {"rank-00000.pt"}
+    steps = [r["step"] for r in read_metrics(out)]
+    assert j < last and steps == [*range(1, k + 1), *range(j + 1, last + 1)], f"steps across the requeue: {steps}"
 
 
 def test_sbatch_scripts_share_one_tested_body():

@@ -30,8 +30,8 @@ def _encode(tmp_path, tok, rows, **cfg):
     p = _jsonl(tmp_path, rows)
     dc = DataConfig(train=str(p), **cfg)
     ds = load_records(str(p), "train", "data.train")
-    check_fields(ds, dc, "data.train", str(p))
-    return tokenize(ds, tok, dc, str(p))
+    spec = check_fields(ds, dc, "data.train", str(p))
+    return tokenize(ds, tok, dc, str(p), spec)
 
 
 def test_alpaca_labels_cover_exactly_the_response_and_eos(tmp_path, tiny_tokenizer):
@@ -147,8 +147,7 @@ def test_bad_data_is_reported_with_file_and_line(tmp_path, tiny_tokenizer, conte
     with pytest.raises(UserError, match=message):
         dc = DataConfig(train=str(p), format=fmt)
         ds = load_records(str(p), "train", "data.train")
-        check_fields(ds, dc, "data.train", str(p))
-        tokenize(ds, tiny_tokenizer, dc, str(p))
+        tokenize(ds, tiny_tokenizer, dc, str(p), check_fields(ds, dc, "data.train", str(p)))
 
 
 def test_missing_data_file_is_named(tmp_path):
