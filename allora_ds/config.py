@@ -154,6 +154,16 @@ class DataConfig:
             raise UserError(f"{at}data.{which}: the list of sources is empty")
         return out
 
+    def train_formats(self) -> list[str]:
+        """The formats the training data is in: one per mixture source (in order, once each), or
+        ``format`` (also for ``data.tokenized``, which checks it against what was tokenized)."""
+        return list(dict.fromkeys(s.format for s in self.sources("train"))) or [self.format]
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DataConfig":
+        """The section as a run saved it (keys a newer version added take their defaults)."""
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
 
 SCHEDULERS = ("cosine", "linear", "constant")
 REPORT_TO = ("tensorboard", "wandb", "mlflow")  # allora_ds/trackers.py

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from allora_ds import log
 from allora_ds.adapters import merged_weight
 from allora_ds.checkpoint import DS_DIR, DS_TAG, is_complete, read_adapter_state, read_trainer_state
-from allora_ds.config import TORCH_DTYPES, is_local_path
+from allora_ds.config import TORCH_DTYPES, DataConfig, is_local_path
 from allora_ds.errors import UserError, cli
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -172,7 +172,8 @@ def add_stop_tokens(out: Path, run_config: dict, model_config: dict) -> None:
     """Make the exported model's generation stop on what the finetune taught it to end a response with.
 
     A base model's generation config stops on EOS only (Llama-3.1: ``<|end_of_text|>``); finetuned
-    on chat data it ends each reply with ``<|eot_id|>`` instead, and would otherwise never stop.
+    on chat data it ends each reply with ``<|eot_id|>`` instead, and would otherwise never stop. A
+    mixture teaches the ends of all its sources' formats.
     """
     if not any((out / name).is_file() for name in TOKENIZER_FILES):
         return
@@ -181,7 +182,8 @@ def add_stop_tokens(out: Path, run_config: dict, model_config: dict) -> None:
     from allora_ds.modeling import stop_token_ids
 
     tok = AutoTokenizer.from_pretrained(out, trust_remote_code=bool(run_config["model"].get("trust_remote_code")))
-    stops = stop_token_ids(tok, run_config["data"]["format"])
+    formats = DataConfig.from_dict(run_config["data"]).train_formats()
+    stops = list(dict.fromkeys(t for fmt in formats for t in stop_token_ids(tok, fmt)))
     path = out / "generation_config.json"
     gen = json.loads(path.read_text()) if path.is_file() else {
         k: model_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if model_config.get(k) is not None}

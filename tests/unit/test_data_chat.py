@@ -210,3 +210,19 @@ def test_a_sharegpt_finetune_stops_where_a_chat_one_does(tiny_tokenizer):
 
     assert stop_token_ids(tiny_tokenizer, "sharegpt") == stop_token_ids(tiny_tokenizer, "chat") == \
         [tiny_tokenizer.convert_tokens_to_ids("<|eot_id|>")]
+
+
+@pytest.mark.parametrize("train, want", [
+    ("data.jsonl", ["<|end_of_text|>"]),
+    ([{"path": "a.jsonl"}, {"path": "c.jsonl", "format": "chat"}], ["<|end_of_text|>", "<|eot_id|>"]),
+])
+def test_an_exported_mixture_stops_on_the_ends_of_all_its_formats(tmp_path, tiny_tokenizer, train, want):
+    """An alpaca top level with a chat source in the mixture: replies of both kinds must stop."""
+    from allora_ds.export import add_stop_tokens
+
+    tiny_tokenizer.save_pretrained(tmp_path)
+    eos = tiny_tokenizer.eos_token_id
+    add_stop_tokens(tmp_path, {"model": {}, "data": {"format": "alpaca", "train": train}}, {"eos_token_id": eos})
+    gen = tmp_path / "generation_config.json"
+    got = json.loads(gen.read_text())["eos_token_id"] if gen.is_file() else eos
+    assert ([got] if isinstance(got, int) else got) == tiny_tokenizer.convert_tokens_to_ids(want)
