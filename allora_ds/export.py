@@ -182,7 +182,12 @@ def add_stop_tokens(out: Path, run_config: dict, model_config: dict) -> None:
     from allora_ds.modeling import stop_token_ids
 
     tok = AutoTokenizer.from_pretrained(out, trust_remote_code=bool(run_config["model"].get("trust_remote_code")))
-    formats = DataConfig.from_dict(run_config["data"]).train_formats()
+    from allora_ds.pretokenized import source_formats
+
+    data = DataConfig.from_dict(run_config["data"])
+    formats = data.train_formats()
+    if data.tokenized and data.train is None:  # the config names the directory, its manifest the sources
+        formats = source_formats(data.tokenized) or formats
     stops = list(dict.fromkeys(t for fmt in formats for t in stop_token_ids(tok, fmt)))
     path = out / "generation_config.json"
     gen = json.loads(path.read_text()) if path.is_file() else {

@@ -42,9 +42,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def provenance(cfg: Config, tokenizer) -> dict:
     d = cfg.data
     sources = [dataclasses.asdict(s) for s in d.sources("train")]
+    held_out = {"eval": [dataclasses.asdict(s) for s in d.sources("eval")]} if d.eval is not None else \
+        {"eval_fraction": d.eval_fraction}
     return {"tokenizer": tokenizer_fingerprint(tokenizer), "tokenizer_name": str(tokenizer.name_or_path),
             "chat_template": _sha(json.dumps(tokenizer.chat_template)), "format": d.format, "sources": sources,
-            "max_seq_len": d.max_seq_len, "packing": d.packing_strategy, "train_on": d.train_on}
+            "max_seq_len": d.max_seq_len, "packing": d.packing_strategy, "train_on": d.train_on, "eval": held_out}
 
 
 def save(data: PreparedData, cfg: Config, tokenizer, out: Path) -> None:
@@ -88,17 +90,33 @@ def check(saved: dict, cfg: Config, tokenizer, path: str) -> None:
     """One line naming everything that differs between how ``path`` was made and this run."""
     now = provenance(cfg, tokenizer)
     keys = ["tokenizer", "chat_template", "format", "max_seq_len", "packing", "train_on"]
-    if cfg.data.train is not None:  # without data.train there are no sources to compare
+    if cfg.data.train is not None:  # without data.train the config does not say what the data is
         keys.insert(3, "sources")
+        if "eval" in saved:  # written since the eval data is recorded
+            keys.insert(4, "eval")
+
+    def listed(sources):
+        return ", ".join(f"{s['path']} ({s['format']}, {DataSource(**s).how_many()})" for s in sources)
+
     shown = {"tokenizer": lambda p: f"{p['tokenizer_name']} (vocabulary {p['tokenizer']})",
              "chat_template": lambda p: f"template {p['chat_template']}",
-             "sources": lambda p: ", ".join(f"{s['path']} ({s['format']}, {DataSource(**s).how_many()})"
-                                            for s in p["sources"])}
+             "sources": lambda p: listed(p["sources"]),
+             "eval": lambda p: f"eval data {listed(p['eval']['eval'])}" if "eval" in p["eval"] else
+             f"eval_fraction {p['eval']['eval_fraction']:g} of train"}
     diff = [f"{k}: {shown.get(k, lambda p: p[k])(saved)!s} there, {shown.get(k, lambda p: p[k])(now)!s} here"
             for k in keys if saved.get(k) != now[k]]
     if diff:
         raise UserError(f"data.tokenized: {path} was made differently ({'; '.join(diff)}); run "
                         f"`allora-data CONFIG --save DIR` again with this config")
+
+
+def source_formats(path: str) -> list[str]:
+    """The formats of the training sources tokenized into ``path`` ([] when it cannot be read)."""
+    try:
+        sources = read_manifest(path)["provenance"]["sources"]
+    except (UserError, KeyError, TypeError):
+        return []
+    return list(dict.fromkeys(s["format"] for s in sources))
 
 
 def load(cfg: Config, tokenizer) -> PreparedData:

@@ -86,6 +86,7 @@ def test_save_then_train_on_it_reads_the_same_rows(setup, capsys, tiny_tokenizer
     (["data.packing=bfd"], r"packing: greedy there, bfd here"),
     (["data.train_on=last_assistant"], r"train_on: all_assistant there, last_assistant here"),
     (["data.format=sharegpt"], r"format: chat there, sharegpt here"),
+    (["data.eval_fraction=0.1"], r"eval: eval_fraction 0 of train there, eval_fraction 0.1 of train here"),
     ("template", r"chat_template: template \w+ there, template \w+ here"),
     ("tokenizer", r"tokenizer: .* \(vocabulary \w+\) there, .* \(vocabulary \w+\) here"),
 ])
@@ -112,3 +113,17 @@ def test_a_directory_not_made_by_allora_data_is_named(tmp_path, tiny_tokenizer):
     cfg = load_config(None, ["model.path=x", f"data.tokenized={tmp_path}"])
     with pytest.raises(UserError, match=r"data.tokenized: .* is not a directory written by `allora-data CONFIG --save DIR`"):
         mixture.prepare(cfg, tiny_tokenizer)
+
+
+def test_an_export_of_a_run_on_pretokenized_data_stops_on_the_ends_of_its_sources(setup, capsys, tiny_tokenizer):
+    """data.tokenized without data.train: the formats are those of the sources in the manifest
+    (chat and alpaca), not the top-level data.format alone."""
+    from allora_ds.export import add_stop_tokens
+
+    tmp, cfg = setup
+    _run(capsys, cfg, "--save", tmp / "tok-data")
+    run_config = load_config(None, [f"model.path={tmp / 'tok'}", "data.format=chat", "data.max_seq_len=64",
+                                    f"data.tokenized={tmp / 'tok-data'}"]).to_dict()
+    add_stop_tokens(tmp / "tok", run_config, {"eos_token_id": tiny_tokenizer.eos_token_id})
+    gen = json.loads((tmp / "tok" / "generation_config.json").read_text())
+    assert sorted(gen["eos_token_id"]) == sorted(tiny_tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"]))
