@@ -61,8 +61,8 @@ echo "[$(hostname -s)] node $SLURM_NODEID:$(printf " %q" "${cmd[@]}")"
 exec "${cmd[@]}"'
 # --export=ALL: the tasks get this script's environment even under `sbatch --export=NONE`;
 # --cpus-per-task: a step task gets one CPU unless told otherwise, and it runs all the node's ranks;
-# --ntasks: one per node of this run, not the SLURM_NTASKS fixed at submission (a requeued job
-# shrunk with `scontrol update NumNodes=` keeps the old count, and srun would ask for it).
+# --ntasks: one per node this run got; srun would otherwise take SLURM_NTASKS, the count asked for
+# at submission or by a later `scontrol update`, which need not match the nodes.
 srun_opts=(--export=ALL --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1
            --kill-on-bad-exit=1 --output="$LOG_DIR/node%n-%N.log" --open-mode=append)
 if [[ -n "${SLURM_CPUS_ON_NODE:-}" ]]; then srun_opts+=(--cpus-per-task="$SLURM_CPUS_ON_NODE"); fi

@@ -186,7 +186,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tiny_model,
 def test_a_requeue_onto_fewer_nodes_continues_the_run(cluster, tiny_model, tmp_path):
     """The job trains on both nodes. An admin drains node2 (as for a failing node); at the
     time-limit signal the job checkpoints and requeues, and waits for 2 nodes; shrunk to the one
-    node left (``scontrol update JobId=... NumNodes=1``) it starts there and continues from that
+    node left (``scontrol update JobId=... NumNodes=1``, then ``NumTasks=1``) it starts there and continues from that
     checkpoint on 1 rank instead of 2: at the same number of examples seen, every later step
     logged once."""
     out = tmp_path / "run"
@@ -202,7 +202,8 @@ def test_a_requeue_onto_fewer_nodes_continues_the_run(cluster, tiny_model, tmp_p
                      timeout=300)
         first = (out / "checkpoints" / "latest").read_text()
         k = int(first.removeprefix("step-"))
-        cluster.cmd("scontrol", "update", f"JobId={job_id}", "NumNodes=1")
+        for change in ("NumNodes=1", "NumTasks=1"):  # what the one node left can run (one task per node)
+            cluster.cmd("scontrol", "update", f"JobId={job_id}", change)
         cluster.release_requeued(job_id)
         node0 = tmp_path / "logs" / "node0-node1.log"
         resumed = re.compile(rf"resumed from {re.escape(str(out / 'checkpoints' / first))} at step (\d+)")
