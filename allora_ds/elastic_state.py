@@ -138,7 +138,7 @@ def _owned(engine, p) -> tuple[int, int, dict[str, torch.Tensor]] | None:
     if _is_zero3(p):
         # A rank's partition is one contiguous range of the flattened parameter, the last one padded.
         part = p.ds_tensor.ds_numel
-        start = p.ds_zero_partition_rank * part
+        start = _partition_rank(p) * part
         numel = max(0, min(part, p.ds_numel - start))
         if numel == 0:
             return None
@@ -183,7 +183,7 @@ def _load_zero3(engine, read, keys, step) -> None:
         _ensure_state(engine, flat, keys, step)
     for name, p in _named_trainable(engine):
         part = p.ds_tensor.ds_numel
-        start = p.ds_zero_partition_rank * part
+        start = _partition_rank(p) * part
         numel = max(0, min(part, p.ds_numel - start))
         for key in [FP32, *keys]:
             value = torch.zeros(part, dtype=torch.float32)
@@ -216,3 +216,11 @@ def _load_fragments(engine, read, keys, step) -> None:
             map_to_flat_opt_states(flat, group, opt.optimizer.state, keys)
         _ensure_state(engine, flat, keys, step)
     opt.update_lp_params()  # each rank's fp32 partition into the low-precision weights, all-gathered
+
+
+def _partition_rank(p) -> int:
+    """Which partition of ``p`` this rank holds (DeepSpeed < 0.17 has no ``ds_zero_partition_rank``)."""
+    import torch.distributed as dist
+
+    rank = getattr(p, "ds_zero_partition_rank", None)
+    return dist.get_rank(group=p.ds_process_group) if rank is None else rank
