@@ -475,7 +475,9 @@ class Continuation:
 
 
 def global_batch(cfg: Config, world: int) -> int:
-    return cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world
+    """Sequences per optimizer step: the ranks of a sequence-parallel group share theirs."""
+    tc = cfg.train
+    return tc.micro_batch_size * tc.gradient_accumulation_steps * (world // tc.sequence_parallel_size)
 
 
 def plan_continuation(saved: dict, cfg: Config, world: int, steps_per_epoch: int, total_steps: int) -> Continuation:
@@ -492,7 +494,8 @@ def plan_continuation(saved: dict, cfg: Config, world: int, steps_per_epoch: int
     batch = global_batch(cfg, world)
     old_cfg = saved.get("config", {}).get("train", {})
     old_batch = saved.get("global_batch") or old_cfg.get("micro_batch_size", tc.micro_batch_size) * \
-        old_cfg.get("gradient_accumulation_steps", tc.gradient_accumulation_steps) * saved.get("world_size", world)
+        old_cfg.get("gradient_accumulation_steps", tc.gradient_accumulation_steps) * saved.get("world_size", world) \
+        // old_cfg.get("sequence_parallel_size", 1)
     schedule_batch = saved.get("schedule_batch") or old_batch
     step = saved["step"]
     scheduler_steps = saved.get("scheduler_steps", step - saved.get("skipped_steps", 0))

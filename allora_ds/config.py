@@ -20,6 +20,7 @@ import yaml
 from allora_ds.adapters import AdapterSpec, AdapterSpecError
 from allora_ds.errors import UserError
 from allora_ds.fields import REQUIRED, documented
+from allora_ds.sequence_parallel import PACKED_ULYSSES_ATTENTION
 
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -202,6 +203,10 @@ class TrainConfig:
                                   "transformers' loss and gradients without its [tokens, vocab] fp32 logits. false = "
                                   "transformers' loss. Models other than Llama/Mistral/Qwen2/Qwen3/Gemma/Phi-3/OLMo-2, or "
                                   "with an adapter on lm_head, keep transformers' loss (printed at start).")
+    sequence_parallel_size: int = documented(1, "Ranks that share each sequence (DeepSpeed Ulysses): every activation "
+                                             "is split over them, for sequences one GPU cannot hold; must divide the "
+                                             "world and tile nodes. The data-parallel size is world / this "
+                                             "(allora_ds/sequence_parallel.py).")
     collective_timeout_minutes: float = documented(30.0, "How long a rank may wait in one collective (e.g. while rank 0 "
                                                  "tokenizes a large dataset) before the job is aborted.")
     report_to: list[str] = documented(["tensorboard"], "Trackers that get the metrics.jsonl scalars and the config, "
@@ -433,7 +438,8 @@ def _validate(cfg: Config, origin) -> None:
             if f.metadata.get("required") and getattr(obj, f.name) in (None, ""):
                 bad(f"{sec}.{f.name}", f"is required ({f.metadata['help']})")
     t = cfg.train
-    for key in ("micro_batch_size", "gradient_accumulation_steps", "log_steps", "keep_last", "epochs"):
+    for key in ("micro_batch_size", "gradient_accumulation_steps", "log_steps", "keep_last", "epochs",
+                "sequence_parallel_size"):
         if getattr(t, key) < 1:
             bad(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
     for key in ("warmup_steps", "eval_steps", "save_steps"):
@@ -454,6 +460,11 @@ def _validate(cfg: Config, origin) -> None:
     if cfg.data.packing_strategy != "none" and cfg.model.attn_implementation not in PACKING_ATTENTION:
         bad("model.attn_implementation", f"{cfg.model.attn_implementation!r} is not known to keep packed examples "
             f"apart; with data.packing use one of {', '.join(a for a in PACKING_ATTENTION if a)} (or null: sdpa)")
+    if (t.sequence_parallel_size > 1 and cfg.data.packing_strategy != "none"
+            and cfg.model.attn_implementation not in PACKED_ULYSSES_ATTENTION):
+        bad("data.packing", f"packed rows with train.sequence_parallel_size > 1 need model.attn_implementation "
+            f"{' or '.join(PACKED_ULYSSES_ATTENTION)}: DeepSpeed's Ulysses masks sdpa and flex attention causally "
+            "over the whole row, so packed examples would attend to each other")
     if not cfg.train.collective_timeout_minutes > 0:
         bad("train.collective_timeout_minutes", f"must be > 0, got {cfg.train.collective_timeout_minutes}")
     if cfg.train.peak_tflops < 0:

@@ -125,8 +125,12 @@ def fill_ds_config(ds: dict, cfg: Config, world_size: int, hidden_size: int, pat
                         "train.warmup_steps")
     _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, path, "train.micro_batch_size")
     _fill(ds, "gradient_accumulation_steps", t.gradient_accumulation_steps, path, "train.gradient_accumulation_steps")
-    _fill(ds, "train_batch_size", t.micro_batch_size * t.gradient_accumulation_steps * world_size, path,
-          f"micro_batch_size x gradient_accumulation_steps x world size {world_size}")
+    # DeepSpeed counts the batch over data-parallel ranks: the ranks of a sequence-parallel group share rows.
+    dp = world_size // t.sequence_parallel_size
+    if t.sequence_parallel_size > 1:  # zero.Init reads the batch before the engine has the groups (mpu)
+        _fill(ds, "sequence_parallel_size", t.sequence_parallel_size, path, "train.sequence_parallel_size")
+    _fill(ds, "train_batch_size", t.micro_batch_size * t.gradient_accumulation_steps * dp, path,
+          f"micro_batch_size x gradient_accumulation_steps x data-parallel size {dp}")
     _fill(ds, "gradient_clipping", t.max_grad_norm, path, "train.max_grad_norm")
     for prec in ("bf16", "fp16"):
         want = cfg.model.dtype == {"bf16": "bfloat16", "fp16": "float16"}[prec]

@@ -149,15 +149,17 @@ def base_load_kwargs(mc: ModelConfig, zero3: bool) -> dict:
     return kwargs
 
 
-def build_engine(cfg: Config, ds_config: dict, model, total_steps: int):
-    """The DeepSpeed engine over ``model``'s trainable parameters, with the config's LR schedule."""
+def build_engine(cfg: Config, ds_config: dict, model, total_steps: int, mpu=None):
+    """The DeepSpeed engine over ``model``'s trainable parameters, with the config's LR schedule.
+
+    ``mpu``: DeepSpeed's sequence-parallel groups (sequence_parallel.ulysses_attention), or None."""
     import deepspeed
     from transformers import get_scheduler
 
     tc = cfg.train
     sched = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[tc.scheduler]
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config, mpu=mpu,
         lr_scheduler=lambda opt: get_scheduler(sched, opt, num_warmup_steps=tc.warmup_steps,
                                                num_training_steps=total_steps),
     )

@@ -16,6 +16,7 @@ modeling.py, checkpoints and the resume policy in checkpoint.py, metrics and MFU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from allora_ds import checkpoint, flops, log, mixture
+from allora_ds import sequence_parallel as sp
 from allora_ds._testing import faults
 from allora_ds.adapters import scale_diagnostics
 from allora_ds.config import Config, load_config, save_config, schema_text
@@ -37,7 +39,7 @@ from allora_ds.data import IGNORE, collate, epoch_order, example_lengths, label_
 from allora_ds.distributed import (
     all_reduce_sum, init_distributed, install_stop_handlers, leave_process_group,
 )
-from allora_ds.ds_config import fill_ds_config, read_ds_config
+from allora_ds.ds_config import fill_ds_config, ranks_per_node, read_ds_config
 from allora_ds.errors import ReportedError, UserError, cli
 from allora_ds.extensions import check_build_locks
 from allora_ds.launch_env import check_launch_env
@@ -70,6 +72,7 @@ class TrainingRun:
     rounds_per_epoch: int
     total_steps: int
     label_counts: list[int] = field(default_factory=list)  # labelled tokens of every train row
+    grad_divisor: int = 1  # what DeepSpeed divides the gradients summed over ranks by (sp.gradient_divisor)
     flatten: bool = False  # one row per micro-batch (flash attention), see data.collate
     host_label_positions: bool = False  # the chunked loss is installed: see model_inputs
     flop_model: flops.FlopModel | None = None
@@ -81,6 +84,8 @@ class TrainingRun:
     stop_signal: threading.Event = field(default_factory=threading.Event)  # set by a signal on this rank
     stop_requested: bool = False  # set when any rank got one, at the same step on all ranks
     keepalive: list = field(default_factory=list)  # objects that must outlive deepspeed.initialize
+    layout: sp.Layout = field(default_factory=sp.Layout)  # data-parallel rank/size, place in the SP group
+    teardown: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # closed after training
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,11 +106,15 @@ def setup(cfg: Config) -> TrainingRun:
     # Check everything a user can get wrong before any process group or model exists.
     ds_raw = read_ds_config(cfg.train.deepspeed)
     model_config = load_model_config(cfg.model)
+    sp.check_model(cfg.train.sequence_parallel_size, model_config, cfg.model.attn_implementation)
     mixture.check_paths(cfg)
     check_launch_env()  # before init_distributed fills in a world of one
     check_build_locks()  # a stale JIT-build lock would make the first DeepSpeed op wait forever
 
     rank, world, local_rank = init_distributed(cfg.train.collective_timeout_minutes)
+    sp.check_layout(cfg.train.sequence_parallel_size, world, ranks_per_node(world))
+    sp.check_ds_config(ds_raw, cfg.train.sequence_parallel_size, cfg.train.deepspeed)
+    layout = sp.Layout.of(rank, world, cfg.train.sequence_parallel_size)
     ds = fill_ds_config(ds_raw, cfg, world, getattr(model_config, "hidden_size", 4096), cfg.train.deepspeed)
     ckpt, state, replace_old_run = checkpoint.decide_resume(cfg, out, rank, world)
     torch.manual_seed(cfg.train.seed)
@@ -114,25 +123,32 @@ def setup(cfg: Config) -> TrainingRun:
     with mixture.tokenizing_rank_first(cfg.data.tokenize_timeout_minutes, local_rank):
         train_rows, eval_rows = prepare_data(cfg, tokenizer, rank)
     tc = cfg.train
-    rounds = rounds_per_epoch(len(train_rows), tc.micro_batch_size, world)
+    rounds = rounds_per_epoch(len(train_rows), tc.micro_batch_size, layout.dp_world)
     rounds -= rounds % tc.gradient_accumulation_steps  # an optimizer step never spans two epochs
     if rounds == 0:
         raise UserError(f"data.train: {len(train_rows)} examples are fewer than one global batch "
-                        f"({tc.micro_batch_size} x {tc.gradient_accumulation_steps} x {world} ranks)")
+                        f"({tc.micro_batch_size} x {tc.gradient_accumulation_steps} x {layout.dp_world} "
+                        "data-parallel ranks)")
     steps_per_epoch = rounds // tc.gradient_accumulation_steps
     total = tc.max_steps if tc.max_steps > 0 else steps_per_epoch * tc.epochs
 
     model, keepalive, _ = load_model(cfg, ds, verbose=rank == 0)
-    engine = build_engine(cfg, ds, model, total)
+    sp.check_model(layout.size, model_config, model.config._attn_implementation)  # what transformers chose
+    teardown = contextlib.ExitStack()
+    mpu = teardown.enter_context(sp.ulysses_attention(model, layout, 1 if flat_batches(model) else tc.micro_batch_size))
+    engine = build_engine(cfg, ds, model, total, mpu)
     torch.manual_seed(cfg.train.seed + rank)  # dropout masks differ across ranks
-    run = TrainingRun(cfg=cfg, out=out, rank=rank, world=world, engine=engine, pad_token_id=tokenizer.pad_token_id,
+    run = TrainingRun(cfg=cfg, out=out, rank=rank, world=world, layout=layout, teardown=teardown, engine=engine,
+                      pad_token_id=tokenizer.pad_token_id,
                       train_rows=train_rows, eval_rows=eval_rows, rounds_per_epoch=rounds, total_steps=total,
-                      keepalive=[keepalive], label_counts=train_rows["n_labels"], flatten=flat_batches(model),
+                      grad_divisor=sp.gradient_divisor(ds, layout), keepalive=[keepalive],
+                      label_counts=train_rows["n_labels"], flatten=flat_batches(model),
                       host_label_positions=chunked_loss_installed(model),
                       flop_model=flops.flop_model(model), peak_tflops=peak_tflops(cfg),
                       run_id=(state or {}).get("run_id") or uuid.uuid4().hex)
-    log.info(f"{world} rank(s), {steps_per_epoch} steps/epoch, {total} steps, global batch "
-             f"{tc.micro_batch_size * tc.gradient_accumulation_steps * world} sequences")
+    split = f" ({layout.dp_world} data-parallel x {layout.size} sequence-parallel)" if layout.size > 1 else ""
+    log.info(f"{world} rank(s){split}, {steps_per_epoch} steps/epoch, {total} steps, global batch "
+             f"{checkpoint.global_batch(cfg, world)} sequences")
     if ckpt is not None:
         resumed = checkpoint.load(engine, ckpt, state, cfg, rank, world, steps_per_epoch, total)
         run.step, run.skipped_steps = resumed.step, state.get("skipped_steps", 0)
@@ -170,19 +186,28 @@ def micro_batches(run: TrainingRun, step: int) -> StepBatch:
     """This rank's micro-batches of optimizer step ``step``: a pure function of seed and step.
 
     The global label count, which normalises the loss, is summed here from the data order over
-    every rank's rows: each rank knows it without a collective.
+    every data-parallel rank's rows: each rank knows it without a collective. Under sequence
+    parallelism a rank keeps its slice of its group's rows, and counts its slice's tokens and its
+    share (1/SP of the heads) of the attention pairs: summed over ranks, each counts once.
     """
-    tc = run.cfg.train
+    tc, lay = run.cfg.train, run.layout
     gas = tc.gradient_accumulation_steps
     epoch, first = divmod(step * gas, run.rounds_per_epoch)
     order = epoch_order(len(run.train_rows), tc.seed, epoch)
-    span = order[first * tc.micro_batch_size * run.world: (first + gas) * tc.micro_batch_size * run.world]
+    span = order[first * tc.micro_batch_size * lay.dp_world: (first + gas) * tc.micro_batch_size * lay.dp_world]
     batch = StepBatch([], 0, 0, sum(run.label_counts[i] for i in span))
     for k in range(gas):
-        rows = [run.train_rows[i] for i in rank_micro_batch(order, first + k, tc.micro_batch_size, run.world, run.rank)]
-        batch.tokens += sum(len(r["input_ids"]) for r in rows)
-        batch.causal_pairs += flops.causal_pairs(n for r in rows for n in example_lengths(r))
-        batch.batches.append(collate(rows, run.pad_token_id, run.flatten))
+        rows = [run.train_rows[i] for i in rank_micro_batch(order, first + k, tc.micro_batch_size, lay.dp_world, lay.dp_rank)]
+        pairs = flops.causal_pairs(n for r in rows for n in example_lengths(r))
+        collated = collate(rows, run.pad_token_id, run.flatten)
+        if lay.size > 1:
+            collated, tokens = sp.shard(collated, lay, run.pad_token_id)
+            pairs /= lay.size
+        else:
+            tokens = sum(len(r["input_ids"]) for r in rows)
+        batch.tokens += tokens
+        batch.causal_pairs += pairs
+        batch.batches.append(collated)
     return batch
 
 
@@ -195,7 +220,8 @@ def model_inputs(run: TrainingRun, batch: dict) -> dict:
     dev = run.engine.device
     out = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     if run.host_label_positions:
-        out["label_positions"] = tuple(t.to(dev, non_blocking=True) for t in label_positions(batch["labels"]))
+        positions = label_positions(batch["labels"], batch.get("shift_labels"))
+        out["label_positions"] = tuple(t.to(dev, non_blocking=True) for t in positions)
     return out
 
 
@@ -211,10 +237,11 @@ def train_step(run: TrainingRun) -> tuple[torch.Tensor, StepBatch, bool]:
     eng, tc = run.engine, run.cfg.train
     faults.at_step_start(run.step + 1)
     sb = micro_batches(run, run.step)
-    gas = tc.gradient_accumulation_steps
-    # DeepSpeed divides by the accumulation steps and averages over ranks; scaling each micro-batch's
-    # summed loss by world*gas/N makes the applied gradient that of (sum of all token losses)/N.
-    per_micro = max(sb.global_labels, 1) / (run.world * gas)
+    gas, div = tc.gradient_accumulation_steps, run.grad_divisor
+    # DeepSpeed divides by the accumulation steps, sums over all ranks and divides by ``div`` (the
+    # world; see sequence_parallel.gradient_divisor); scaling each micro-batch's summed loss by
+    # div*gas/N makes the applied gradient that of (sum of all token losses)/N.
+    per_micro = max(sb.global_labels, 1) / (div * gas)
     loss_share = torch.zeros((), dtype=torch.float32, device=eng.device)
     nonfinite = torch.zeros((), dtype=torch.float32, device=eng.device)
     for k, b in enumerate(sb.batches):
@@ -224,7 +251,7 @@ def train_step(run: TrainingRun) -> tuple[torch.Tensor, StepBatch, bool]:
         # A non-finite micro-batch still goes through backward (its gradients are dropped with the
         # whole step below), so that every rank runs the same collectives whatever its data.
         eng.backward(loss)
-        loss_share += loss.detach().float() / (gas * run.world)
+        loss_share += loss.detach().float() / (gas * div)
         if k < gas - 1:
             eng.step()  # not a boundary: DeepSpeed only counts the micro-step
     flags = torch.stack([nonfinite, torch.tensor(float(run.stop_signal.is_set()), device=eng.device)])
@@ -244,11 +271,11 @@ def train_step(run: TrainingRun) -> tuple[torch.Tensor, StepBatch, bool]:
 
 def evaluate(run: TrainingRun) -> dict:
     """Token-mean loss and perplexity on the eval set, sharded over ranks."""
-    eng, rows = run.engine, run.eval_rows
+    eng, rows, lay = run.engine, run.eval_rows, run.layout
     micro = run.cfg.train.micro_batch_size
     # Every rank runs the same number of forwards (ZeRO-3 gathers are collective); the padding
     # rows repeat example 0 with no labels, so they count for nothing.
-    per_round = micro * run.world
+    per_round = micro * lay.dp_world
     n_rounds = math.ceil(len(rows) / per_round)
     order = list(range(len(rows))) + [-1] * (n_rounds * per_round - len(rows))
     loss_sum = torch.zeros((), dtype=torch.float64, device=eng.device)
@@ -256,9 +283,11 @@ def evaluate(run: TrainingRun) -> dict:
     eng.eval()
     with torch.no_grad():
         for r in range(n_rounds):
-            idx = rank_micro_batch(order, r, micro, run.world, run.rank)
+            idx = rank_micro_batch(order, r, micro, lay.dp_world, lay.dp_rank)
             batch_rows = [rows[i] if i >= 0 else {**rows[0], "labels": [IGNORE] * len(rows[0]["labels"])} for i in idx]
             b = collate(batch_rows, run.pad_token_id, run.flatten)
+            if lay.size > 1:
+                b = sp.shard(b, lay, run.pad_token_id)[0]
             n = label_count(b)
             out = eng(**model_inputs(run, b), num_items_in_batch=1.0)
             if n:
@@ -360,7 +389,7 @@ def train(cfg: Config) -> dict:
     stop_signal = install_stop_handlers()
     run = setup(cfg)
     run.stop_signal = stop_signal
-    with MetricsLog(run.out, run.rank == 0, cfg, run.run_id) as metrics:
+    with run.teardown, MetricsLog(run.out, run.rank == 0, cfg, run.run_id) as metrics:
         result = fit(run, metrics)
     # The last collective is behind us (fit ends with a checkpoint and its barrier). Leave the
     # process group before the export: rank 0 alone reads and writes the whole model (141 GB each

@@ -1,0 +1,56 @@
+"""Worker for test_sequence_parallel: set up the real trainer, run optimizer steps, and record the
+whole adapter gradient of each step (before the optimizer applies it) and each step's loss.
+
+    deepspeed --num_gpus N sequence_parallel_worker.py CONFIG.yaml OUT.safetensors [overrides...]
+
+The gradient is read at the accumulation boundary, after DeepSpeed's reduction and before its
+step (``safe_get_full_grad``: the full, reduced gradient under ZeRO-0/1/2/3, a collective under
+ZeRO-3); rank 0 writes ``step{k}.{name}`` for every adapter parameter and ``loss`` (per step).
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from allora_ds.config import load_config
+from allora_ds.distributed import leave_process_group
+from allora_ds.train import setup, train_step
+
+STEPS = 2
+
+
+def main(config, out, overrides):
+    from deepspeed.utils import safe_get_full_grad
+
+    run = setup(load_config(config, overrides))
+    eng = run.engine
+    params = [(n, p) for n, p in eng.module.named_parameters() if p.requires_grad]
+    grads: dict[str, torch.Tensor] = {}
+    real_step = eng.step
+
+    def step_recording_gradients():
+        if eng.is_gradient_accumulation_boundary():
+            for n, p in params:
+                grads[f"step{run.step + 1}.{n}"] = safe_get_full_grad(p).detach().float().clone()
+        real_step()
+
+    eng.step = step_recording_gradients
+    losses = []
+    with run.teardown:
+        for _ in range(STEPS):
+            share, _, applied = train_step(run)
+            assert applied
+            dist.all_reduce(share)
+            losses.append(share.item())
+            run.step += 1
+    if run.rank == 0:
+        save_file({**{k: v.contiguous() for k, v in grads.items()}, "loss": torch.tensor(losses, dtype=torch.float64)},
+                  out)
+    leave_process_group()
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    main(args[0], args[1], args[2:])
