@@ -107,13 +107,13 @@ def setup(cfg: Config) -> TrainingRun:
     ds_raw = read_ds_config(cfg.train.deepspeed)
     model_config = load_model_config(cfg.model)
     sp.check_model(cfg.train.sequence_parallel_size, model_config, cfg.model.attn_implementation)
+    sp.check_ds_config(ds_raw, cfg.train.sequence_parallel_size, cfg.train.deepspeed)
     mixture.check_paths(cfg)
     check_launch_env()  # before init_distributed fills in a world of one
     check_build_locks()  # a stale JIT-build lock would make the first DeepSpeed op wait forever
 
     rank, world, local_rank = init_distributed(cfg.train.collective_timeout_minutes)
     sp.check_layout(cfg.train.sequence_parallel_size, world, ranks_per_node(world))
-    sp.check_ds_config(ds_raw, cfg.train.sequence_parallel_size, cfg.train.deepspeed)
     layout = sp.Layout.of(rank, world, cfg.train.sequence_parallel_size)
     ds = fill_ds_config(ds_raw, cfg, world, getattr(model_config, "hidden_size", 4096), cfg.train.deepspeed)
     ckpt, state, replace_old_run = checkpoint.decide_resume(cfg, out, rank, world)

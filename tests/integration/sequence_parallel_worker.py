@@ -5,7 +5,9 @@ whole adapter gradient of each step (before the optimizer applies it) and each s
 
 The gradient is read at the accumulation boundary, after DeepSpeed's reduction and before its
 step (``safe_get_full_grad``: the full, reduced gradient under ZeRO-0/1/2/3, a collective under
-ZeRO-3); rank 0 writes ``step{k}.{name}`` for every adapter parameter and ``loss`` (per step).
+ZeRO-3); rank 0 writes ``step{k}.{name}`` for every adapter parameter, ``loss`` (per step), and
+``eval`` (the eval loss and token count before training), ``counts``, summed over ranks and steps: tokens and attention pairs the metrics count, micro-batches
+whose length SP does not divide, and micro-batches whose slice on some rank holds no label.
 """
 
 import sys
@@ -14,9 +16,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from allora_ds import sequence_parallel
 from allora_ds.config import load_config
-from allora_ds.distributed import leave_process_group
-from allora_ds.train import setup, train_step
+from allora_ds.data import IGNORE
+from allora_ds.distributed import all_reduce_sum, leave_process_group
+from allora_ds.train import evaluate, setup, train_step
 
 STEPS = 2
 
@@ -37,16 +41,30 @@ def main(config, out, overrides):
         real_step()
 
     eng.step = step_recording_gradients
-    losses = []
+    padded = [0]
+    real_shard = sequence_parallel.shard
+
+    def shard_counting_padding(batch, layout, pad_id):
+        padded[0] += batch["input_ids"].shape[1] % layout.size != 0
+        return real_shard(batch, layout, pad_id)
+
+    sequence_parallel.shard = shard_counting_padding
+    losses, tokens, pairs, unlabelled = [], 0, 0, 0
     with run.teardown:
+        initial_eval = evaluate(run)
         for _ in range(STEPS):
-            share, _, applied = train_step(run)
+            share, sb, applied = train_step(run)
             assert applied
             dist.all_reduce(share)
             losses.append(share.item())
+            tokens, pairs = tokens + sb.tokens, pairs + sb.causal_pairs
+            unlabelled += sum(int((b["labels"] == IGNORE).all()) for b in sb.batches)
             run.step += 1
+    counts = all_reduce_sum([tokens, pairs, padded[0], unlabelled], eng.device)
     if run.rank == 0:
-        save_file({**{k: v.contiguous() for k, v in grads.items()}, "loss": torch.tensor(losses, dtype=torch.float64)},
+        save_file({**{k: v.contiguous() for k, v in grads.items()}, "loss": torch.tensor(losses, dtype=torch.float64),
+                   "counts": torch.tensor(counts, dtype=torch.float64),
+                   "eval": torch.tensor([initial_eval["eval_loss"], initial_eval["eval_tokens"]], dtype=torch.float64)},
                   out)
     leave_process_group()
 

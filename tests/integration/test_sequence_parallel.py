@@ -1,0 +1,137 @@
+"""Sequence parallelism (train.sequence_parallel_size) against SP=1, with real processes.
+
+The real trainer's setup and train_step run under the deepspeed launcher; the whole reduced
+adapter gradient of every step (before the optimizer applies it), the loss and the eval loss are
+compared with SP=1 on the same global batch: 2 ranks SP=2 vs 1 rank, and 4 ranks DP=2 x SP=2 vs 2
+ranks DP=2. Then a whole allora-train run under SP=2 with eval, checkpoints, a SIGKILL, a resume
+and the export.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import REPO, deepspeed_cmd, read_metrics, run, test_env, train_cmd, write_config
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+pytest.importorskip("deepspeed.runtime.sequence_parallel.ulysses_sp", reason="this DeepSpeed has no Ulysses for HF models")
+
+WORKER = REPO / "tests" / "integration" / "sequence_parallel_worker.py"
+
+
+@pytest.fixture(scope="module")
+def prompt_heavy(tmp_path_factory):
+    """Long instructions, short answers, odd and even lengths: with micro-batches of one row, the
+    first half of many rows holds no label (that rank's slice has nothing to learn from), and
+    many lengths are odd (SP=2 pads them)."""
+    path = tmp_path_factory.mktemp("data") / "prompt_heavy.jsonl"
+    words = "the river runs past the old mill where a miller once ground wheat into flour for the town".split()
+    with path.open("w") as f:
+        for i in range(48):
+            instruction = " ".join(words[j % len(words)] for j in range(i, i + 18 + i % 7))
+            f.write(json.dumps({"instruction": f"Summarise: {instruction}", "input": "", "output": words[i % len(words)]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def zero2_fp32(tmp_path_factory):
+    ds = json.loads((REPO / "ds_configs" / "zero2_bf16.json").read_text())
+    ds["bf16"] = {"enabled": "auto"}
+    path = tmp_path_factory.mktemp("ds") / "zero2_fp32.json"
+    path.write_text(json.dumps(ds))
+    return path
+
+
+CASES = {  # name: (config sections, data)
+    "zero3-allora": ({}, "demo"),
+    "zero3-lora": ({"adapter": {"method": "lora", "rank": 4, "alpha": 4.0}}, "demo"),
+    "zero2-allora": ({"train": {"deepspeed": "ZERO2"}}, "demo"),
+    "zero3-allora-prompt-heavy": ({"train": {"micro_batch_size": 1, "gradient_accumulation_steps": 4}}, "prompt_heavy"),
+}
+
+
+@pytest.fixture(scope="module")
+def setups(tiny_model, tmp_path_factory, zero2_fp32, prompt_heavy):
+    """Per case: its config, and SP=1 on one rank (the reference), run once per module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            d = tmp_path_factory.mktemp(name)
+            sections, data = json.loads(json.dumps(CASES[name][0])), CASES[name][1]
+            train = sections.setdefault("train", {})
+            train.update(save_steps=0, warmup_steps=0)  # step 1 moves the adapters: step 2 sees nonzero B
+            if train.get("deepspeed") == "ZERO2":
+                train["deepspeed"] = str(zero2_fp32)
+            if data == "prompt_heavy":
+                sections["data"] = {"train": str(prompt_heavy), "eval": str(prompt_heavy)}
+            config = write_config(d / "config.yaml", tiny_model, d / "run", **sections)
+            cache[name] = config, _worker(config, d / "ref.safetensors", 1)
+        return cache[name]
+
+    return get
+
+
+def _worker(config, out, nprocs, *overrides):
+    run(deepspeed_cmd([WORKER, config, out, f"train.output_dir={out.parent / out.stem}", *overrides], nprocs=nprocs))
+    return load_file(out)
+
+
+def _assert_same(got: dict, ref: dict, what: str):
+    grads = [k for k in ref if k.startswith("step")]
+    assert grads and set(grads) == {k for k in got if k.startswith("step")}
+    for k in grads:  # lora_A's first gradient is 0 (B starts at 0): compared absolutely
+        rel = ((got[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-30)).item()
+        assert rel < 1e-5, f"{what}: gradient {k} differs from SP=1 by {rel:.2e} (relative)"
+    assert torch.allclose(got["loss"], ref["loss"], rtol=1e-6), (got["loss"], ref["loss"])
+    assert got["eval"][1] == ref["eval"][1] and torch.allclose(got["eval"][0], ref["eval"][0], rtol=1e-6)
+    # The metrics count each token and each attention pair once, whatever the split.
+    assert got["counts"][0] == ref["counts"][0], "tokens counted differently"
+    assert torch.isclose(got["counts"][1], ref["counts"][1]), "attention pairs counted differently"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sp2_gradients_equal_one_rank(setups, tmp_path, name):
+    config, ref = setups(name)
+    got = _worker(config, tmp_path / "sp2.safetensors", 2, "train.sequence_parallel_size=2")
+    _assert_same(got, ref, name)
+    if name.endswith("prompt-heavy"):
+        assert got["counts"][2] > 0, "no micro-batch had a length SP=2 does not divide"
+        assert got["counts"][3] > 0, "no rank ever held a slice without labels"
+        assert ref["counts"][3] == 0
+    if name == "zero3-lora":  # the comparison tells the methods apart
+        allora = setups("zero3-allora")[1]
+        a_keys = [k for k in ref if k.startswith("step2") and "lora_A" in k]
+        assert max((allora[k] - ref[k]).abs().max().item() for k in a_keys) > 1e-3 * max(
+            ref[k].abs().max().item() for k in a_keys)
+
+
+def test_dp2_sp2_gradients_equal_dp2(setups, tmp_path):
+    """4 ranks as 2 data-parallel groups of 2 sequence-parallel ranks vs 2 data-parallel ranks."""
+    config, _ = setups("zero3-allora")
+    ref = _worker(config, tmp_path / "dp2.safetensors", 2)
+    got = _worker(config, tmp_path / "dp2sp2.safetensors", 4, "train.sequence_parallel_size=2")
+    _assert_same(got, ref, "DP=2 x SP=2")
+
+
+def test_sp2_run_resumes_bitwise_and_exports(tiny_model, tmp_path):
+    """allora-train under SP=2: eval, checkpoints, a SIGKILL mid-run and a resume end bitwise equal
+    to the uninterrupted run; the export is the one PEFT/transformers load (tested elsewhere)."""
+    common = {"train": {"save_steps": 2, "eval_steps": 4, "max_steps": 6, "sequence_parallel_size": 2},
+              "export": {"adapter": True, "merged": True}}
+    whole = write_config(tmp_path / "whole.yaml", tiny_model, tmp_path / "whole", **common)
+    run(train_cmd(whole))
+    cut = write_config(tmp_path / "cut.yaml", tiny_model, tmp_path / "cut", **common)
+    first = run(train_cmd(cut), check=False, env=test_env(ALLORA_DS_FAULT="sigkill@5:1"))
+    assert first.returncode != 0
+    run(train_cmd(cut))
+    a, b = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")
+    assert [r["step"] for r in b] == list(range(1, 7)) and [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert read_metrics(tmp_path / "whole", "eval")[-1]["eval_loss"] == read_metrics(tmp_path / "cut", "eval")[-1]["eval_loss"]
+    for d in ("adapter", "merged"):
+        wa = {f.name: f.read_bytes() for f in (tmp_path / "whole" / "export" / d).glob("*.safetensors")}
+        wb = {f.name: f.read_bytes() for f in (tmp_path / "cut" / "export" / d).glob("*.safetensors")}
+        assert wa and wa == wb, f"export/{d} differs after the resume"
