@@ -53,6 +53,13 @@ def _cases(tmp: Path, model: Path):
         ("target-matches-nothing", None, ["adapter.target_modules=q_proj,qkv"], r"adapter.target_modules: adapter target\(s\) 'qkv' match no module"),
         ("resume-missing", None, [f"train.resume={tmp / 'no-ckpt'}"], r"train.resume: checkpoint .*no-ckpt does not exist"),
         ("resume-incomplete", None, [f"train.resume={incomplete}"], r"train.resume: .*ckpt-incomplete is not a complete checkpoint"),
+        ("sp-not-dividing-world", None, ["train.sequence_parallel_size=2"],
+         r"train.sequence_parallel_size=2 does not divide the 1 ranks of this run"),
+        ("sp-heads", None, ["train.sequence_parallel_size=3"], r"the model's 4 attention heads do not split over 3 ranks"),
+        ("sp-eager", None, ["train.sequence_parallel_size=2", "model.attn_implementation=eager"],
+         r"model.attn_implementation=eager: sequence parallelism wraps sdpa"),
+        ("sp-packed-sdpa", None, ["train.sequence_parallel_size=2", "data.packing=greedy"],
+         r"data.packing: packed rows with train.sequence_parallel_size > 1 need model.attn_implementation flash"),
         *_data_cases(tmp, model),
     ]
 
@@ -107,7 +114,8 @@ CASES = ["malformed-jsonl-line", "missing-field", "empty-dataset", "missing-data
          "unknown-config-key", "bad-override-syntax", "bad-value-type", "missing-model-path", "not-a-causal-lm",
          "missing-ds-config", "invalid-ds-json", "ds-config-conflict", "ds-config-scheduler", "adapter-rank",
          "target-matches-nothing", "resume-missing", "resume-incomplete", "chat-image-part", "chat-null-content",
-         "chat-unknown-role", "mixture-missing-source", "mixture-bad-row", "tokenized-mismatch", "unknown-tracker"]
+         "chat-unknown-role", "mixture-missing-source", "mixture-bad-row", "tokenized-mismatch", "unknown-tracker",
+         "sp-not-dividing-world", "sp-heads", "sp-eager", "sp-packed-sdpa"]
 
 
 @pytest.mark.parametrize("name", CASES)
