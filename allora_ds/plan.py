@@ -21,6 +21,7 @@ an estimate (tensors autograd keeps per token and layer), not a measurement.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -29,7 +30,9 @@ from pathlib import Path
 
 from allora_ds.ds_config import fill_ds_config, read_ds_config
 from allora_ds.errors import UserError, cli
-from allora_ds.zero_comm import SHAPES, TARGETS, Shape, llama_modules, shape_from_config, step_bytes, wire_bytes
+from allora_ds.zero_comm import (
+    SHAPES, TARGETS, Shape, llama_modules, shape_from_config, step_bytes, ulysses_bytes, wire_bytes,
+)
 
 GB = 1e9
 LAYOUTS = {  # name -> (shipped DeepSpeed config, what it is)
@@ -65,10 +68,12 @@ class Workload:
     grad_accum: int = 1
     rank: int = 16
     targets: tuple = TARGETS
+    sequence_parallel: int = 1  # GPUs sharing each sequence (train.sequence_parallel_size)
 
     @property
     def tokens(self) -> int:
-        return self.seq_len * self.micro_batch
+        """Tokens one GPU holds per micro-batch: its slice of each sequence (padded to SP)."""
+        return -(-self.seq_len // self.sequence_parallel) * self.micro_batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +170,10 @@ def traffic(layout: str, s: Shape, ds: dict, c: Cluster, w: Workload, checkpoint
         else:
             intra += wire
     out = {"buffers": {k: v / GB for k, v in buf.items()}, "intra_gb": intra / GB, "inter_gb": inter / GB}
+    # Ulysses' all-to-alls sit inside every attention: the computation waits for them (sp_gb, apart)
+    sp = ulysses_bytes(s, w.tokens, w.sequence_parallel, w.grad_accum, checkpointing, w.targets)
+    out["buffers"].update({k: v / GB for k, v in sp.items()})
+    out["sp_gb"] = sum(wire_bytes(k.split("@")[0], v, w.sequence_parallel) for k, v in sp.items()) / GB
     if "offload_param" in ds["zero_optimization"]:
         # every gather first copies this rank's shard to the GPU; gradients and updated adapters cross back
         gathered = sum(v for k, v in buf.items() if k.startswith("all_gather"))
@@ -187,7 +196,9 @@ def step_flops(s: Shape, w: Workload, checkpointing: bool) -> float:
     n = s.frozen_numel() - s.vocab * s.hidden * (0 if s.tied else 1)  # the input embedding does no matmul
     a = s.adapter_numel(w.rank, w.targets)
     tokens = w.tokens * w.grad_accum
-    attn = 12 * s.layers * s.heads * s.head_dim * w.micro_batch * w.grad_accum * w.seq_len * (w.seq_len + 1) / 2
+    # each GPU of an SP group computes 1/SP of the heads over the whole sequence
+    attn = 12 * s.layers * s.heads * s.head_dim * w.micro_batch * w.grad_accum * w.seq_len * (w.seq_len + 1) / 2 \
+        / w.sequence_parallel
     flops = (4 * n + 2 * a) * tokens + attn
     if checkpointing:
         layers = s.layers * s.layer_numel() + a
@@ -201,9 +212,11 @@ def estimate(layout: str, s: Shape, c: Cluster, w: Workload, checkpointing: bool
     t = traffic(layout, s, ds, c, w, checkpointing)
     compute_s = step_flops(s, w, checkpointing) / (c.gpu_tflops * 1e12 * c.mfu)
     comm_s = t["intra_gb"] / c.intra_bw + t["inter_gb"] / c.inter_bw + t.get("pcie_gb", 0.0) / PCIE_BW
+    # an SP group within a node uses NVLink; one spanning nodes waits on the slowest link
+    sp_s = t["sp_gb"] / (c.intra_bw if w.sequence_parallel <= c.gpus_per_node else c.inter_bw)
     return {"layout": layout, "what": LAYOUTS[layout][1], "checkpointing": checkpointing, "memory_gb": mem,
             "total_gb": total, "fits": total <= c.gpu_mem_gb, "traffic": t, "compute_s": compute_s,
-            "comm_s": comm_s, "step_s": max(compute_s, comm_s),
+            "comm_s": comm_s, "sp_comm_s": sp_s, "step_s": max(compute_s, comm_s) + sp_s,
             "bound": "communication" if comm_s > compute_s else "compute",
             "ds_config": LAYOUTS[layout][0], "zero_optimization": ds["zero_optimization"]}
 
@@ -215,13 +228,32 @@ def filled_config(layout: str, s: Shape, c: Cluster, w: Workload) -> dict:
     cfg = load_config(None, base={"model": {"path": "unused", "dtype": "bfloat16"}, "data": {"train": "unused"},
                                   "adapter": {"rank": w.rank, "target_modules": list(w.targets)},
                                   "train": {"micro_batch_size": w.micro_batch,
-                                            "gradient_accumulation_steps": w.grad_accum}})
+                                            "gradient_accumulation_steps": w.grad_accum,
+                                            "sequence_parallel_size": w.sequence_parallel}})
     name = LAYOUTS[layout][0]
     return fill_ds_config(read_ds_config(name), cfg, c.world, s.hidden, name, per_node=c.gpus_per_node)
 
 
-def plan(s: Shape, c: Cluster, w: Workload) -> dict:
-    """Every candidate (layout x checkpointing) and the recommendation."""
+def sequence_parallel_sizes(s: Shape, c: Cluster) -> list[int]:
+    """SP sizes this model and cluster allow (sequence_parallel.check_layout/check_model), smallest first."""
+    out = []
+    for sp in range(1, c.world + 1):
+        tiles = c.world % sp == 0 and (c.gpus_per_node % sp == 0 or sp % c.gpus_per_node == 0)
+        heads = s.heads % sp == 0 and (s.kv_heads % sp == 0 or sp % s.kv_heads == 0)
+        if tiles and heads:
+            out.append(sp)
+    return out
+
+
+def plan(s: Shape, c: Cluster, w: Workload, auto_sequence_parallel: bool = False) -> dict:
+    """Every candidate (layout x checkpointing) and the recommendation, at ``w.sequence_parallel``;
+    with ``auto_sequence_parallel``, at the smallest SP where something fits (1 when a sequence fits
+    on one GPU, so SP is proposed only for sequences that do not)."""
+    if auto_sequence_parallel:
+        for sp in sequence_parallel_sizes(s, c):
+            res = plan(s, c, dataclasses.replace(w, sequence_parallel=sp))
+            if res["recommended"] is not None:
+                return res
     rows = []
     for layout in LAYOUTS:
         if layout == "zero3_hpz" and c.nodes == 1:
@@ -237,11 +269,12 @@ def plan(s: Shape, c: Cluster, w: Workload) -> dict:
         close = [r for r in fitting if r["step_s"] <= 1.05 * fastest]
         best = min(close, key=lambda r: (PREFERENCE.index(r["layout"]), r["checkpointing"], r["step_s"]))
     return {"shape": asdict(s), "cluster": asdict(c), "workload": asdict(w), "candidates": rows,
-            "recommended": best, "overrides": overrides(best) if best else None}
+            "recommended": best, "overrides": overrides(best, w) if best else None}
 
 
-def overrides(r: dict) -> list[str]:
-    return [f"train.deepspeed={r['ds_config']}", f"model.gradient_checkpointing={str(r['checkpointing']).lower()}"]
+def overrides(r: dict, w: Workload) -> list[str]:
+    sp = [f"train.sequence_parallel_size={w.sequence_parallel}"] if w.sequence_parallel > 1 else []
+    return [f"train.deepspeed={r['ds_config']}", f"model.gradient_checkpointing={str(r['checkpointing']).lower()}", *sp]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +317,9 @@ def parse_args(argv):
     p.add_argument("--micro-batch", type=int, required=True, help="sequences per GPU per forward pass")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--rank", type=int, default=16, help="adapter rank (default 16)")
+    p.add_argument("--sequence-parallel", default="auto",
+                   help="GPUs sharing each sequence (train.sequence_parallel_size); default auto: 1, or the "
+                        "smallest size at which a layout fits")
     p.add_argument("--intra-bw", type=float, default=Cluster.intra_bw,
                    help=f"GB/s bus bandwidth of collectives within a node (default {Cluster.intra_bw:g})")
     p.add_argument("--inter-bw", type=float, default=Cluster.inter_bw,
@@ -313,22 +349,26 @@ def render(res: dict) -> str:
         f"in bf16), ALLoRA r={w['rank']} on {len(w['targets'])} projections "
         f"({shape.adapter_numel(w['rank'], w['targets']) / 1e6:.0f} M); "
         f"{c['nodes']} node(s) x {c['gpus_per_node']} GPUs of {c['gpu_mem_gb']:g} GB; micro-batch {w['micro_batch']} x "
-        f"{w['seq_len']} tokens, {w['grad_accum']} micro-batch(es) per optimizer step.",
+        f"{w['seq_len']} tokens, {w['grad_accum']} micro-batch(es) per optimizer step"
+        + (f"; each sequence split over {w['sequence_parallel']} GPUs (sequence parallelism: "
+           f"{-(-w['seq_len'] // w['sequence_parallel'])} tokens per GPU, {c['nodes'] * c['gpus_per_node'] // w['sequence_parallel']} "
+           "sequences at a time)." if w["sequence_parallel"] > 1 else "."),
         f"Assumed: {c['intra_bw']:g} GB/s within a node, {c['inter_bw']:g} GB/s per GPU across nodes (bus bandwidth), "
         f"{c['gpu_tflops']:g} TFLOP/s x MFU {c['mfu']:g}, {CUDA_CONTEXT / GB:g} GB of CUDA context; step = max(compute, "
-        "communication). Memory: GB per GPU. Traffic: GB through each GPU's links per optimizer step.",
+        "ZeRO communication) + the sequence-parallel all-to-alls (attention waits for them). Memory: GB per GPU. "
+        "Traffic: GB through each GPU's links per optimizer step.",
         "",
     ]
     head = ["layout", "ckpt", "base", "adapt", "optim", "gathered", "act ckpt", "act no-ckpt", "loss", "total", "fits",
-            "intra GB", "inter GB", "compute s", "comm s", "step s"]
+            "intra GB", "inter GB", "SP GB", "compute s", "comm s", "step s"]
     rows = []
     for r in res["candidates"]:
         m, t = r["memory_gb"], r["traffic"]
         rows.append([r["what"], "on" if r["checkpointing"] else "off", f"{m['base']:.1f}", f"{m['adapters']:.2f}",
                      f"{m['optimizer'] + m['gradients']:.2f}", f"{m['working']:.1f}", f"{m['activations_ckpt']:.1f}",
                      f"{m['activations_no_ckpt']:.1f}", f"{m['loss_path']:.2f}", f"{r['total_gb']:.1f}",
-                     "yes" if r["fits"] else "no", f"{t['intra_gb']:.1f}", f"{t['inter_gb']:.1f}",
-                     f"{r['compute_s']:.2f}", f"{r['comm_s']:.2f}", f"{r['step_s']:.2f}"])
+                     "yes" if r["fits"] else "no", f"{t['intra_gb']:.1f}", f"{t['inter_gb']:.1f}", f"{t['sp_gb']:.1f}",
+                     f"{r['compute_s']:.2f}", f"{r['comm_s'] + r['sp_comm_s']:.2f}", f"{r['step_s']:.2f}"])
     widths = [max(len(str(x[i])) for x in [head] + rows) for i in range(len(head))]
     fmt = lambda row: "  ".join(str(v).ljust(wd) if i == 0 else str(v).rjust(wd) for i, (v, wd) in enumerate(zip(row, widths)))  # noqa: E731
     lines += [fmt(head), "-" * len(fmt(head))] + [fmt(r) for r in rows]
@@ -338,7 +378,8 @@ def render(res: dict) -> str:
     best = res["recommended"]
     lines.append("")
     if best is None:
-        lines.append(f"Nothing fits in {c['gpu_mem_gb']:g} GB per GPU: use more GPUs, a smaller --micro-batch or --seq-len.")
+        lines.append(f"Nothing fits in {c['gpu_mem_gb']:g} GB per GPU: use more GPUs, a smaller --micro-batch or --seq-len"
+                     f"{' (or --sequence-parallel auto)' if w['sequence_parallel'] == 1 else ''}.")
     else:
         lines.append(f"Recommended: {best['what']}, gradient checkpointing {'on' if best['checkpointing'] else 'off'} "
                      f"(ds_configs/{best['ds_config']}.json; {best['total_gb']:.0f} GB per GPU, {best['step_s']:.2f} s "
@@ -350,8 +391,11 @@ def render(res: dict) -> str:
 def markdown(res: dict) -> str:
     """One row per layout (its faster fitting variant), the recommended one in bold: ds_configs/README.md."""
     c, w = res["cluster"], res["workload"]
-    out = ["| model | GPUs | layout | ckpt | GB per GPU | intra-node GB | inter-node GB | compute s | comm s | step s |",
-           "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    sp = w["sequence_parallel"]
+    seq = f"{w['seq_len'] // 1024}k" if w["seq_len"] % 1024 == 0 else str(w["seq_len"])
+    out = ["| model | GPUs | tokens | SP | layout | ckpt | GB per GPU | intra-node GB | inter-node GB | SP GB | compute s "
+           "| comm s | step s |",
+           "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for layout in LAYOUTS:
         rows = [r for r in res["candidates"] if r["layout"] == layout]
         if not rows:
@@ -361,15 +405,23 @@ def markdown(res: dict) -> str:
         best = res["recommended"] is not None and r is res["recommended"]
         b = (lambda x: f"**{x}**") if best else (lambda x: x)  # noqa: E731
         gpus = f"{c['nodes']} x {c['gpus_per_node']}"
+        lead = f"| {res['shape']['name']} r{w['rank']} | {gpus} | {seq} | {sp} |"
         if not fit:
-            out.append(f"| {res['shape']['name']} r{w['rank']} | {gpus} | {r['what']} | | {r['total_gb']:.0f} (does not "
-                       f"fit) | | | | | |")
+            out.append(f"{lead} {r['what']} | | {r['total_gb']:.0f} (does not fit) | | | | | | |")
             continue
         t, step = r["traffic"], f"{r['step_s']:.2f}"
-        out.append(f"| {res['shape']['name']} r{w['rank']} | {gpus} | {b(r['what'])} | {'on' if r['checkpointing'] else 'off'} "
-                   f"| {r['total_gb']:.0f} | {t['intra_gb']:.1f} | {t['inter_gb']:.1f} | {r['compute_s']:.2f} | "
-                   f"{r['comm_s']:.2f} | {b(step)} |")
+        out.append(f"{lead} {b(r['what'])} | {'on' if r['checkpointing'] else 'off'} "
+                   f"| {r['total_gb']:.0f} | {t['intra_gb']:.1f} | {t['inter_gb']:.1f} | {t['sp_gb']:.1f} | {r['compute_s']:.2f} | "
+                   f"{r['comm_s'] + r['sp_comm_s']:.2f} | {b(step)} |")
     return "\n".join(out)
+
+
+def _sequence_parallel(value: str, s: Shape, c: Cluster) -> int:
+    allowed = sequence_parallel_sizes(s, c)
+    if not value.isdigit() or int(value) not in allowed:
+        raise UserError(f"--sequence-parallel {value}: use auto or one of {', '.join(map(str, allowed))} (it must tile "
+                        f"the {c.world} GPUs and nodes, and split the {s.heads} attention heads)")
+    return int(value)
 
 
 @cli
@@ -378,8 +430,10 @@ def main(argv: list[str] | None = None) -> None:
     shape = resolve_shape(args.model)
     cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_mem, args.intra_bw, args.inter_bw, args.gpu_tflops,
                       args.mfu)
-    workload = Workload(args.seq_len, args.micro_batch, args.grad_accum, args.rank)
-    res = plan(shape, cluster, workload)
+    auto = args.sequence_parallel == "auto"
+    sp = 1 if auto else _sequence_parallel(args.sequence_parallel, shape, cluster)
+    workload = Workload(args.seq_len, args.micro_batch, args.grad_accum, args.rank, sequence_parallel=sp)
+    res = plan(shape, cluster, workload, auto_sequence_parallel=auto)
     print(json.dumps(res, indent=2, default=float) if args.json else markdown(res) if args.markdown else render(res))
 
 

@@ -504,9 +504,37 @@ def step_bytes(shape: Shape, rank: int, ds: dict, world: int, gas: int, checkpoi
     return out
 
 
+def ulysses_bytes(shape: Shape, tokens: int, sp: int, gas: int, checkpointing: bool, targets=TARGETS,
+                  act_bytes: int = 2) -> dict[str, int]:
+    """Buffer bytes one rank sends into DeepSpeed Ulysses' collectives per optimizer step, keyed as
+    ``step_bytes`` (sequence_parallel.py; ``deepspeed.runtime.sequence_parallel.ulysses_sp``).
+
+    ``tokens``: this rank's slice of one micro-batch (rows x padded length / SP). Each attention
+    turns q, k and v from "my tokens, all heads" into "all tokens, my heads" and the output back:
+    four all-to-alls whose buffer is this rank's slice, ``tokens x heads x head_dim`` for q and the
+    output and ``tokens x max(kv_heads, sp) x head_dim`` for k and v (DeepSpeed repeats the KV heads
+    up to SP first). Backward sends each gradient back the same way; checkpointing recomputes the
+    forward. Each forward also all-gathers the int64 position ids over the group. In the first
+    layer only the gradients that reach a trainable parameter flow: those of q/k/v whose projection
+    is adapted, and the output's when any of them is.
+    """
+    if sp <= 1:
+        return {}
+    q = tokens * shape.heads * shape.head_dim * act_bytes
+    kv = tokens * max(shape.kv_heads, sp) * shape.head_dim * act_bytes
+    forwards = 2 if checkpointing else 1
+    per_forward = 2 * q + 2 * kv
+    adapted = [p for p in ("q_proj", "k_proj", "v_proj") if p in targets]
+    first_backward = sum(q if p == "q_proj" else kv for p in adapted) + (q if adapted else 0)
+    layer0 = forwards * per_forward + first_backward
+    others = (shape.layers - 1) * (forwards + 1) * per_forward
+    return {f"all_to_all@{sp}": gas * (layer0 + others),
+            f"all_gather@{sp}": gas * shape.layers * forwards * tokens * sp * 8}
+
+
 def wire_bytes(kind: str, nbytes: float, group: int) -> float:
     """What a ring collective puts through each rank's link for a buffer of ``nbytes``
-    (NCCL's "bus bandwidth" convention): (n-1)/n of it, twice for an all-reduce."""
+    (NCCL's "bus bandwidth" convention): (n-1)/n of it (an all-to-all's too), twice for an all-reduce."""
     if group <= 1:
         return 0.0
     return nbytes * (group - 1) / group * (2 if kind == "all_reduce" else 1)

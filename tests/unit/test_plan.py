@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from allora_ds.plan import Cluster, Workload, main, model_states, plan
-from allora_ds.zero_comm import SHAPES, Shape, micro_batch_events, step_bytes
+from allora_ds.plan import Cluster, Workload, main, model_states, plan, sequence_parallel_sizes
+from allora_ds.zero_comm import SHAPES, Shape, micro_batch_events, step_bytes, ulysses_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"
@@ -144,6 +144,8 @@ def test_cli_reads_only_config_json_of_a_model_directory(tmp_path, capsys):
      "argument --nodes: invalid int value: 'two'"),
     (["--model", "llama3-8b", "--nodes", "1", "--gpus-per-node", "8", "--seq-len", "1", "--micro-batch", "1",
       "--mfu", "1.5"], "--mfu must be in (0, 1], got 1.5"),
+    (["--model", "llama3-8b", "--nodes", "1", "--gpus-per-node", "8", "--seq-len", "1", "--micro-batch", "1",
+      "--sequence-parallel", "3"], "--sequence-parallel 3: use auto or one of 1, 2, 4, 8"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(argv, message, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -151,3 +153,46 @@ def test_bad_input_is_one_line_naming_the_flag(argv, message, capsys, monkeypatc
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_sequence_parallel_splits_activations_and_adds_its_all_to_alls():
+    s, c = SHAPES["llama3-8b"], Cluster(1, 8, 80.0)
+    one = plan(s, c, Workload(131072, 1))
+    four = plan(s, c, Workload(131072, 1, sequence_parallel=4))
+    pick = lambda res: next(r for r in res["candidates"] if r["layout"] == "zero3" and r["checkpointing"])  # noqa: E731
+    a, b = pick(one), pick(four)
+    for key in ("activations_ckpt", "activations_no_ckpt"):
+        assert b["memory_gb"][key] == pytest.approx(a["memory_gb"][key] / 4)
+    assert a["traffic"]["sp_gb"] == 0 and b["traffic"]["sp_gb"] > 0 and b["sp_comm_s"] > 0
+    assert b["compute_s"] < a["compute_s"] / 3.5  # a quarter of each sequence's work, on a quarter of the rows
+    assert four["overrides"][-1] == "train.sequence_parallel_size=4"
+
+
+def test_auto_proposes_sequence_parallelism_only_when_a_sequence_does_not_fit():
+    s, c = SHAPES["llama3-8b"], Cluster(1, 8, 80.0)
+    assert plan(s, c, Workload(32768, 1), auto_sequence_parallel=True)["workload"]["sequence_parallel"] == 1
+    res = plan(s, c, Workload(524288, 1), auto_sequence_parallel=True)
+    assert plan(s, c, Workload(524288, 1))["recommended"] is None
+    sp = res["workload"]["sequence_parallel"]
+    assert sp > 1 and res["recommended"]["fits"]
+    smaller = [n for n in sequence_parallel_sizes(s, c) if n < sp]
+    assert all(plan(s, c, Workload(524288, 1, sequence_parallel=n))["recommended"] is None for n in smaller)
+
+
+def test_sequence_parallel_sizes_tile_nodes_and_split_heads():
+    assert sequence_parallel_sizes(SHAPES["llama3-8b"], Cluster(2, 8)) == [1, 2, 4, 8, 16]  # 32 heads, 8 KV heads
+    assert sequence_parallel_sizes(Shape(64, 224, 2, 4, 2, 16, 512), Cluster(1, 6)) == [1, 2]
+
+
+def test_ulysses_bytes_by_hand():
+    """Tiny shape (4 heads of 16, 2 KV heads), 10 tokens per rank, SP=2, 2 layers, bf16: per forward
+    q + out = 2 x 10 x 64 x 2 B and k + v = 2 x 10 x 32 x 2 B; backward the same except that the
+    first layer's k has no adapter to reach; checkpointing adds a forward."""
+    s = Shape(64, 224, 2, 4, 2, 16, 512)
+    fwd = 2 * 10 * 64 * 2 + 2 * 10 * 32 * 2
+    got = ulysses_bytes(s, 10, 2, gas=3, checkpointing=False, targets=("q_proj", "v_proj"))
+    assert got == {"all_to_all@2": 3 * (fwd + (fwd - 10 * 32 * 2) + 2 * fwd), "all_gather@2": 3 * 2 * 10 * 2 * 8}
+    ckpt = ulysses_bytes(s, 10, 2, gas=1, checkpointing=True)
+    assert ckpt["all_to_all@2"] == 2 * 3 * fwd and ckpt["all_gather@2"] == 2 * 2 * 10 * 2 * 8
+    assert ulysses_bytes(s, 10, 4, gas=1, checkpointing=False)["all_to_all@4"] == 2 * 2 * (2 * 10 * 64 * 2 + 2 * 10 * 64 * 2)
+    assert ulysses_bytes(s, 10, 1, gas=1, checkpointing=False) == {}
