@@ -344,15 +344,15 @@ def parse_args(argv):
 def render(res: dict) -> str:
     s, c, w = res["shape"], res["cluster"], res["workload"]
     shape = Shape(**s)
+    sp = w["sequence_parallel"]
+    split = (f"; each sequence split over {sp} GPUs (sequence parallelism: {-(-w['seq_len'] // sp)} tokens per GPU, "
+             f"{c['nodes'] * c['gpus_per_node'] // sp} sequences at a time)") if sp > 1 else ""
     lines = [
         f"{s['name'] or 'model'}: {shape.frozen_numel() / 1e9:.2f} B frozen parameters ({2 * shape.frozen_numel() / GB:.1f} GB "
         f"in bf16), ALLoRA r={w['rank']} on {len(w['targets'])} projections "
         f"({shape.adapter_numel(w['rank'], w['targets']) / 1e6:.0f} M); "
         f"{c['nodes']} node(s) x {c['gpus_per_node']} GPUs of {c['gpu_mem_gb']:g} GB; micro-batch {w['micro_batch']} x "
-        f"{w['seq_len']} tokens, {w['grad_accum']} micro-batch(es) per optimizer step"
-        + (f"; each sequence split over {w['sequence_parallel']} GPUs (sequence parallelism: "
-           f"{-(-w['seq_len'] // w['sequence_parallel'])} tokens per GPU, {c['nodes'] * c['gpus_per_node'] // w['sequence_parallel']} "
-           "sequences at a time)." if w["sequence_parallel"] > 1 else "."),
+        f"{w['seq_len']} tokens, {w['grad_accum']} micro-batch(es) per optimizer step{split}.",
         f"Assumed: {c['intra_bw']:g} GB/s within a node, {c['inter_bw']:g} GB/s per GPU across nodes (bus bandwidth), "
         f"{c['gpu_tflops']:g} TFLOP/s x MFU {c['mfu']:g}, {CUDA_CONTEXT / GB:g} GB of CUDA context; step = max(compute, "
         "ZeRO communication) + the sequence-parallel all-to-alls (attention waits for them). Memory: GB per GPU. "
@@ -411,8 +411,8 @@ def markdown(res: dict) -> str:
             continue
         t, step = r["traffic"], f"{r['step_s']:.2f}"
         out.append(f"{lead} {b(r['what'])} | {'on' if r['checkpointing'] else 'off'} "
-                   f"| {r['total_gb']:.0f} | {t['intra_gb']:.1f} | {t['inter_gb']:.1f} | {t['sp_gb']:.1f} | {r['compute_s']:.2f} | "
-                   f"{r['comm_s'] + r['sp_comm_s']:.2f} | {b(step)} |")
+                   f"| {r['total_gb']:.0f} | {t['intra_gb']:.1f} | {t['inter_gb']:.1f} | {t['sp_gb']:.1f} "
+                   f"| {r['compute_s']:.2f} | {r['comm_s'] + r['sp_comm_s']:.2f} | {b(step)} |")
     return "\n".join(out)
 
 
