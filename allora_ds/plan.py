@@ -44,6 +44,9 @@ LAYOUTS = {  # name -> (shipped DeepSpeed config, what it is)
 PREFERENCE = ("zero2", "zero3_hpz", "zero3", "zero3_offload")  # among equally fast layouts: the simplest
 CUDA_CONTEXT = 2 * GB  # CUDA context, NCCL and allocator slack not counted elsewhere
 PCIE_BW = 25.0  # GB/s host<->device per GPU, for offload
+# allora-plan --sequence-parallel auto: a sequence that fills a GPU but for this share (activations
+# are an estimate; allocator fragmentation grows with tensor size) gets split over more GPUs
+AUTO_SP_HEADROOM = 0.10
 
 
 @dataclass
@@ -247,13 +250,15 @@ def sequence_parallel_sizes(s: Shape, c: Cluster) -> list[int]:
 
 def plan(s: Shape, c: Cluster, w: Workload, auto_sequence_parallel: bool = False) -> dict:
     """Every candidate (layout x checkpointing) and the recommendation, at ``w.sequence_parallel``;
-    with ``auto_sequence_parallel``, at the smallest SP where something fits (1 when a sequence fits
-    on one GPU, so SP is proposed only for sequences that do not)."""
+    with ``auto_sequence_parallel``, at the smallest SP whose recommendation leaves ``AUTO_SP_HEADROOM``
+    of the GPU free (else the smallest at which anything fits): SP is proposed only for sequences
+    one GPU holds with no margin or not at all. Its all-to-alls cost little next to attention."""
     if auto_sequence_parallel:
-        for sp in sequence_parallel_sizes(s, c):
-            res = plan(s, c, dataclasses.replace(w, sequence_parallel=sp))
-            if res["recommended"] is not None:
-                return res
+        fitting = [res for sp in sequence_parallel_sizes(s, c)
+                   if (res := plan(s, c, dataclasses.replace(w, sequence_parallel=sp)))["recommended"] is not None]
+        roomy = [r for r in fitting if r["recommended"]["total_gb"] <= (1 - AUTO_SP_HEADROOM) * c.gpu_mem_gb]
+        if fitting:
+            return (roomy or fitting)[0]
     rows = []
     for layout in LAYOUTS:
         if layout == "zero3_hpz" and c.nodes == 1:

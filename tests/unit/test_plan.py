@@ -168,15 +168,17 @@ def test_sequence_parallel_splits_activations_and_adds_its_all_to_alls():
     assert four["overrides"][-1] == "train.sequence_parallel_size=4"
 
 
-def test_auto_proposes_sequence_parallelism_only_when_a_sequence_does_not_fit():
+@pytest.mark.parametrize("seq_len, expected", [(32768, 1), (131072, 2), (524288, 8)])
+def test_auto_proposes_sequence_parallelism_when_a_sequence_does_not_fit_with_margin(seq_len, expected):
+    """32k: SP=1 (34 GB). 128k: SP=1 fits at 78 of 80 GB, no margin: SP=2. 512k: nothing fits at
+    SP 1 or 2, SP=4 only at 78 GB: SP=8."""
     s, c = SHAPES["llama3-8b"], Cluster(1, 8, 80.0)
-    assert plan(s, c, Workload(32768, 1), auto_sequence_parallel=True)["workload"]["sequence_parallel"] == 1
-    res = plan(s, c, Workload(524288, 1), auto_sequence_parallel=True)
-    assert plan(s, c, Workload(524288, 1))["recommended"] is None
-    sp = res["workload"]["sequence_parallel"]
-    assert sp > 1 and res["recommended"]["fits"]
-    smaller = [n for n in sequence_parallel_sizes(s, c) if n < sp]
-    assert all(plan(s, c, Workload(524288, 1, sequence_parallel=n))["recommended"] is None for n in smaller)
+    res = plan(s, c, Workload(seq_len, 1), auto_sequence_parallel=True)
+    assert res["workload"]["sequence_parallel"] == expected
+    assert res["recommended"]["total_gb"] <= 0.9 * 80
+    for n in [n for n in sequence_parallel_sizes(s, c) if n < expected]:
+        best = plan(s, c, Workload(seq_len, 1, sequence_parallel=n))["recommended"]
+        assert best is None or best["total_gb"] > 0.9 * 80
 
 
 def test_sequence_parallel_sizes_tile_nodes_and_split_heads():
@@ -196,3 +198,13 @@ def test_ulysses_bytes_by_hand():
     assert ckpt["all_to_all@2"] == 2 * 3 * fwd and ckpt["all_gather@2"] == 2 * 2 * 10 * 2 * 8
     assert ulysses_bytes(s, 10, 4, gas=1, checkpointing=False)["all_to_all@4"] == 2 * 2 * (2 * 10 * 64 * 2 + 2 * 10 * 64 * 2)
     assert ulysses_bytes(s, 10, 1, gas=1, checkpointing=False) == {}
+
+
+def test_long_sequence_config_uses_what_the_planner_recommends_at_its_sequence_parallel_size():
+    cfg = yaml.safe_load((REPO / "configs" / "llama3_8b_long.yaml").read_text())
+    t = cfg["train"]
+    w = Workload(cfg["data"]["max_seq_len"], t["micro_batch_size"], t["gradient_accumulation_steps"],
+                 cfg["adapter"]["rank"], sequence_parallel=t["sequence_parallel_size"])
+    best = plan(SHAPES["llama3-8b"], Cluster(1, 8, 80.0), w)["recommended"]
+    assert (t["deepspeed"], cfg["model"]["gradient_checkpointing"]) == (best["ds_config"], best["checkpointing"])
+    assert best["total_gb"] < 0.5 * 80  # the margin SP=1 (~78 of 80 GB) does not leave
