@@ -2,8 +2,8 @@
 
 The real trainer's setup and train_step run under the deepspeed launcher; the whole reduced
 adapter gradient of every step (before the optimizer applies it), the loss and the eval loss are
-compared with SP=1 on the same global batch: 2 ranks SP=2 vs 1 rank, and 4 ranks DP=2 x SP=2 vs 2
-ranks DP=2. Then a whole allora-train run under SP=2 with eval, checkpoints, a SIGKILL, a resume
+compared with SP=1 on the same global batch: 2 ranks SP=2 and 4 ranks SP=4 vs 1 rank, and 4 ranks
+DP=2 x SP=2 vs 2 ranks DP=2. Then a whole allora-train run under SP=2 with eval, checkpoints, a SIGKILL, a resume
 and the export.
 """
 
@@ -115,6 +115,14 @@ def test_dp2_sp2_gradients_equal_dp2(setups, tmp_path):
     ref = _worker(config, tmp_path / "dp2.safetensors", 2)
     got = _worker(config, tmp_path / "dp2sp2.safetensors", 4, "train.sequence_parallel_size=2")
     _assert_same(got, ref, "DP=2 x SP=2")
+
+
+def test_sp4_repeating_kv_heads_equals_one_rank(setups, tmp_path):
+    """SP=4 over the tiny model's 2 KV heads: DeepSpeed repeats each KV head on 2 ranks, and the
+    backward sums the repeats' gradients."""
+    config, ref = setups("zero3-allora")
+    got = _worker(config, tmp_path / "sp4.safetensors", 4, "train.sequence_parallel_size=4")
+    _assert_same(got, ref, "SP=4")
 
 
 def test_sp2_run_resumes_bitwise_and_exports(tiny_model, tmp_path):
