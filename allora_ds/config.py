@@ -38,6 +38,10 @@ class ModelConfig:
     tokenizer: str | None = documented(None, "Tokenizer directory or hub id; defaults to model.path.")
     dtype: str = documented("bfloat16", "Precision of the frozen base and of training (float32, bfloat16, float16).", DTYPES)
     gradient_checkpointing: bool = documented(False, "Recompute activations in backward (HF gradient checkpointing).")
+    mlp_tiles: int = documented(1, "Run each decoder layer's MLP over its tokens in this many slices (ALST's tiled MLP, "
+                                   "allora_ds/tiled_mlp.py): its [tokens, intermediate] activations exist for one slice "
+                                   "at a time, at the price of recomputing the MLP in backward. For long sequences, "
+                                   "about tokens per GPU / hidden size; 1 = off.")
     attn_implementation: str | None = documented(None, "transformers attention backend (sdpa, eager, flash_attention_2); "
                                                        "None = default.")
     trust_remote_code: bool = documented(False, "Allow model code from the hub repository to run. Off unless you trust it.")
@@ -453,6 +457,8 @@ def _validate(cfg: Config, origin) -> None:
         bad("train.max_grad_norm", f"must be >= 0, got {t.max_grad_norm}")
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         bad("train.adam_betas", f"must be two numbers in [0, 1), got {t.adam_betas}")
+    if cfg.model.mlp_tiles < 1:
+        bad("model.mlp_tiles", f"must be >= 1, got {cfg.model.mlp_tiles}")
     if cfg.data.max_seq_len < 2:
         bad("data.max_seq_len", f"must be >= 2, got {cfg.data.max_seq_len}")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:

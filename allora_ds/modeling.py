@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from allora_ds import log
+from allora_ds import log, tiled_mlp
 from allora_ds.adapters import inject_adapters
 from allora_ds.config import TORCH_DTYPES, Config, ModelConfig, is_local_path
 from allora_ds.errors import UserError
@@ -123,6 +123,8 @@ def load_model(cfg: Config, ds_config: dict, verbose: bool = True, architecture=
             counts = inject_adapters(model, cfg.adapter, seed=cfg.train.seed, verbose=verbose)
     except ValueError as e:
         raise UserError(f"adapter.target_modules: {e}") from None
+    if mc.mlp_tiles > 1:  # after the adapters: their gradients are the ones the tiles accumulate
+        tiled_mlp.install(model, mc.mlp_tiles)
     if cfg.train.chunked_loss:  # after the adapters: an adapter on lm_head keeps transformers' loss
         reason = install_chunked_loss(model)
         if reason and verbose:

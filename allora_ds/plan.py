@@ -72,6 +72,7 @@ class Workload:
     rank: int = 16
     targets: tuple = TARGETS
     sequence_parallel: int = 1  # GPUs sharing each sequence (train.sequence_parallel_size)
+    mlp_tiles: int = 1  # model.mlp_tiles
 
     @property
     def tokens(self) -> int:
@@ -83,13 +84,14 @@ class Workload:
 # memory
 
 
-def activation_bytes_per_token_layer(s: Shape) -> int:
+def activation_bytes_per_token_layer(s: Shape, mlp_tiles: int = 1) -> float:
     """bf16 tensors autograd keeps for backward, per token and decoder layer, with flash/sdpa
     attention (no seq^2 term): both norms' inputs and outputs, q/k/v and the rotated q/k, the
     attention output, the MLP's gate, up, activation and product (the frozen weights need no
-    inputs saved, the adapters reuse them); the adapters' r-wide intermediates are negligible."""
+    inputs saved, the adapters reuse them); the adapters' r-wide intermediates are negligible.
+    A tiled MLP (model.mlp_tiles) holds its four [tokens, intermediate] tensors for one tile."""
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    return 2 * (4 * s.hidden + (q + 2 * kv) + (q + kv) + q + 4 * s.intermediate)
+    return 2 * (4 * s.hidden + (q + 2 * kv) + (q + kv) + q + 4 * s.intermediate / mlp_tiles)
 
 
 def loss_path_bytes(s: Shape, tokens: int, chunked: bool = True) -> float:
@@ -142,7 +144,7 @@ def memory(layout: str, s: Shape, ds: dict, c: Cluster, w: Workload) -> dict:
     # overlap_comm's reduce buckets (about 4.5 x the bucket) in the communication dtype (fp32)
     buffers = 4.5 * z.get("reduce_bucket_size", s.hidden ** 2) * 4
     tokens = w.tokens
-    per_layer = activation_bytes_per_token_layer(s) * tokens
+    per_layer = activation_bytes_per_token_layer(s, w.mlp_tiles) * tokens
     parts = {**states, "gradients": grads, "working": working, "buffers": buffers,
              "activations_ckpt": s.layers * 2 * s.hidden * tokens + per_layer,  # layer inputs + one recomputed
              "activations_no_ckpt": s.layers * per_layer,
@@ -194,8 +196,8 @@ def _step_bytes(s: Shape, rank: int, ds_json: str, world: int, gas: int, checkpo
 
 def step_flops(s: Shape, w: Workload, checkpointing: bool) -> float:
     """FLOPs executed per GPU per optimizer step: forward 2N, input gradients 2N, adapter weight
-    gradients 2 N_adapters per token (allora_ds/flops.py), causal attention, and with checkpointing
-    the recomputed forward of every layer."""
+    gradients 2 N_adapters per token (allora_ds/flops.py), causal attention, with checkpointing
+    the recomputed forward of every layer, with a tiled MLP its recomputed forward."""
     n = s.frozen_numel() - s.vocab * s.hidden * (0 if s.tied else 1)  # the input embedding does no matmul
     a = s.adapter_numel(w.rank, w.targets)
     tokens = w.tokens * w.grad_accum
@@ -206,6 +208,8 @@ def step_flops(s: Shape, w: Workload, checkpointing: bool) -> float:
     if checkpointing:
         layers = s.layers * s.layer_numel() + a
         flops += 2 * layers * tokens + attn / 3
+    if w.mlp_tiles > 1:  # the tiled MLP's backward runs its forward once more
+        flops += 2 * s.layers * 3 * s.hidden * s.intermediate * tokens
     return flops
 
 
@@ -279,7 +283,9 @@ def plan(s: Shape, c: Cluster, w: Workload, auto_sequence_parallel: bool = False
 
 def overrides(r: dict, w: Workload) -> list[str]:
     sp = [f"train.sequence_parallel_size={w.sequence_parallel}"] if w.sequence_parallel > 1 else []
-    return [f"train.deepspeed={r['ds_config']}", f"model.gradient_checkpointing={str(r['checkpointing']).lower()}", *sp]
+    tiles = [f"model.mlp_tiles={w.mlp_tiles}"] if w.mlp_tiles > 1 else []
+    return [f"train.deepspeed={r['ds_config']}", f"model.gradient_checkpointing={str(r['checkpointing']).lower()}", *sp,
+            *tiles]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +328,7 @@ def parse_args(argv):
     p.add_argument("--micro-batch", type=int, required=True, help="sequences per GPU per forward pass")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--rank", type=int, default=16, help="adapter rank (default 16)")
+    p.add_argument("--mlp-tiles", type=int, default=1, help="model.mlp_tiles: slices each MLP runs over (default 1)")
     p.add_argument("--sequence-parallel", default="auto",
                    help="GPUs sharing each sequence (train.sequence_parallel_size); default auto: 1, or the "
                         "smallest size at which a layout fits")
@@ -335,7 +342,7 @@ def parse_args(argv):
     p.add_argument("--json", action="store_true", help="print the whole plan as JSON")
     p.add_argument("--markdown", action="store_true", help="print one row per layout as a markdown table")
     args = p.parse_args(argv)
-    for flag in ("nodes", "gpus_per_node", "seq_len", "micro_batch", "grad_accum", "rank"):
+    for flag in ("nodes", "gpus_per_node", "seq_len", "micro_batch", "grad_accum", "rank", "mlp_tiles"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     for flag in ("gpu_mem", "intra_bw", "inter_bw", "gpu_tflops"):
@@ -437,7 +444,8 @@ def main(argv: list[str] | None = None) -> None:
                       args.mfu)
     auto = args.sequence_parallel == "auto"
     sp = 1 if auto else _sequence_parallel(args.sequence_parallel, shape, cluster)
-    workload = Workload(args.seq_len, args.micro_batch, args.grad_accum, args.rank, sequence_parallel=sp)
+    workload = Workload(args.seq_len, args.micro_batch, args.grad_accum, args.rank, sequence_parallel=sp,
+                        mlp_tiles=args.mlp_tiles)
     res = plan(shape, cluster, workload, auto_sequence_parallel=auto)
     print(json.dumps(res, indent=2, default=float) if args.json else markdown(res) if args.markdown else render(res))
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from allora_ds import checkpoint, flops, log, mixture
+from allora_ds import checkpoint, flops, log, mixture, tiled_mlp
 from allora_ds import sequence_parallel as sp
 from allora_ds._testing import faults
 from allora_ds.adapters import scale_diagnostics
@@ -108,6 +108,7 @@ def setup(cfg: Config) -> TrainingRun:
     model_config = load_model_config(cfg.model)
     sp.check_model(cfg.train.sequence_parallel_size, model_config, cfg.model.attn_implementation)
     sp.check_ds_config(ds_raw, cfg.train.sequence_parallel_size, cfg.train.deepspeed)
+    tiled_mlp.check(cfg.model.mlp_tiles)
     mixture.check_paths(cfg)
     check_launch_env()  # before init_distributed fills in a world of one
     check_build_locks()  # a stale JIT-build lock would make the first DeepSpeed op wait forever

@@ -125,6 +125,20 @@ def test_sp4_repeating_kv_heads_equals_one_rank(setups, tmp_path):
     _assert_same(got, ref, "SP=4")
 
 
+@pytest.mark.parametrize("nprocs, overrides", [
+    (2, ["train.sequence_parallel_size=2", "model.gradient_checkpointing=true"]),  # ZeRO-3
+    (1, ["train.deepspeed=ZERO2"]),
+])
+def test_tiled_mlp_gradients_equal_untiled(setups, tmp_path, zero2_fp32, nprocs, overrides):
+    """50 tiles of micro-batches of 4 rows: torch.chunk cuts most of them into fewer slices (e.g.
+    384 rows into 48), which with DeepSpeed's own tile count would leave the MLP adapters'
+    gradients unreduced under ZeRO-3 (tiled_mlp.py)."""
+    config, ref = setups("zero3-allora")
+    overrides = [o.replace("ZERO2", str(zero2_fp32)) for o in overrides]
+    got = _worker(config, tmp_path / "tiled.safetensors", nprocs, "model.mlp_tiles=50", *overrides)
+    _assert_same(got, ref, f"tiled MLP {overrides}")
+
+
 def test_sp2_run_resumes_bitwise_and_exports(tiny_model, tmp_path):
     """allora-train under SP=2: eval, checkpoints, a SIGKILL mid-run and a resume end bitwise equal
     to the uninterrupted run; the export is the one PEFT/transformers load (tested elsewhere)."""

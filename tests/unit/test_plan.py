@@ -208,3 +208,14 @@ def test_long_sequence_config_uses_what_the_planner_recommends_at_its_sequence_p
     best = plan(SHAPES["llama3-8b"], Cluster(1, 8, 80.0), w)["recommended"]
     assert (t["deepspeed"], cfg["model"]["gradient_checkpointing"]) == (best["ds_config"], best["checkpointing"])
     assert best["total_gb"] < 0.5 * 80  # the margin SP=1 (~78 of 80 GB) does not leave
+
+
+def test_mlp_tiles_shrink_the_layer_being_recomputed_and_cost_an_mlp_forward():
+    s, c = SHAPES["llama3-8b"], Cluster(1, 8, 80.0)
+    pick = lambda w: next(r for r in plan(s, c, w)["candidates"] if r["layout"] == "zero2" and r["checkpointing"])  # noqa: E731
+    a, b = pick(Workload(131072, 1, sequence_parallel=4)), pick(Workload(131072, 1, sequence_parallel=4, mlp_tiles=8))
+    tokens, mlp = 131072 // 4, 2 * 4 * s.intermediate  # gate, up, act, product in bf16, per token
+    assert (a["memory_gb"]["activations_ckpt"] - b["memory_gb"]["activations_ckpt"]) * 1e9 == pytest.approx(
+        tokens * mlp * (1 - 1 / 8))
+    assert b["compute_s"] > a["compute_s"]
+    assert plan(s, c, Workload(131072, 1, sequence_parallel=4, mlp_tiles=8))["overrides"][-1] == "model.mlp_tiles=8"

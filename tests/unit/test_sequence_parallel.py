@@ -132,3 +132,42 @@ def test_deepspeed_batch_counts_data_parallel_ranks(tmp_path):
     cfg = _cfg(tmp_path, "train.sequence_parallel_size=4", "train.micro_batch_size=1", "train.gradient_accumulation_steps=2")
     ds = fill_ds_config({"train_batch_size": "auto", "zero_optimization": {"stage": 3}}, cfg, 8, 64, "x.json")
     assert ds["train_batch_size"] == 1 * 2 * 2 and ds["sequence_parallel_size"] == 4
+
+
+def test_tile_count_is_what_torch_chunk_makes():
+    from allora_ds.tiled_mlp import slices
+
+    for n in range(1, 80):
+        for tiles in range(1, 12):
+            assert slices(n, tiles) == len(torch.chunk(torch.empty(n), tiles)), (n, tiles)
+
+
+def test_tiled_mlp_gradients_equal_the_untiled_ones(tiny_model):
+    """Tiles over the flattened rows (9 tokens x 2 rows in 4 tiles: 4 backward slices, 3 forward)."""
+    from transformers import AutoModelForCausalLM
+
+    from allora_ds import tiled_mlp
+    from allora_ds.adapters import AdapterSpec, adapter_modules, inject_adapters
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    inject_adapters(model, AdapterSpec(method="allora", rank=4, eta=2.0), seed=1, verbose=False)
+    torch.manual_seed(0)
+    for m in adapter_modules(model).values():
+        torch.nn.init.normal_(m.lora_B, std=0.02)
+    ids = torch.randint(3, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    model.train()
+
+    def grads():
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref = grads()
+    assert tiled_mlp.install(model, 4) == model.config.num_hidden_layers
+    got = grads()
+    for k in ref:  # fp32 sums in another order
+        assert (got[k] - ref[k]).abs().max() <= 1e-5 * ref[k].abs().max(), k
+    with torch.no_grad():  # eval runs the plain MLP
+        assert torch.equal(model.model.layers[0].mlp(torch.ones(1, 3, model.config.hidden_size)),
+                           type(model.model.layers[0].mlp).forward(model.model.layers[0].mlp,
+                                                                   torch.ones(1, 3, model.config.hidden_size)))
