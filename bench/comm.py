@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from bench.common import CACHE, REPO, RESULTS, child_env, deepspeed_cmd, machine, run_job, table, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    REPO, RESULTS, child_env, deepspeed_cmd, machine, random_llama_assets, run_job, table, worker_parser,
+    write_json,
+)
 
 DEFAULT_OUT = RESULTS / "comm.json"
 GOAL_REL_ERR = 0.05
@@ -244,29 +246,12 @@ def worker(args) -> None:
 
 def build_assets(shape: dict, cache: Path) -> tuple[Path, Path]:
     """Random-weight bf16 model + the demo tokenizer (HF format) and a text file, built once per shape."""
-    key = "-".join(f"{k}{v}" for k, v in sorted(shape.items()) if k != "rank")
-    d = cache / f"comm-{key}"
-    model_dir, data = d / "model", d / "train.jsonl"
-    if (model_dir / "config.json").is_file() and data.is_file():
-        return model_dir, data
     import torch
-    from transformers import LlamaForCausalLM
 
-    from allora_ds.tiny import ASSETS, build_tokenizer, tiny_llama_config
+    def rows(lines):
+        return [{"text": " ".join(lines[i * 6:(i + 1) * 6])} for i in range(64)]  # > SEQ_LEN tokens each
 
-    tmp = d.with_name(d.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build_tokenizer(tmp / "model")
-    config = tiny_llama_config(shape["vocab"], hidden=shape["hidden"], layers=shape["layers"], heads=shape["heads"],
-                               kv_heads=shape["kv_heads"], intermediate=shape["intermediate"])
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp / "model")
-    lines = (ASSETS / "corpus.txt").read_text(encoding="utf-8").splitlines()
-    rows = [{"text": " ".join(lines[i * 6:(i + 1) * 6])} for i in range(64)]  # > SEQ_LEN tokens each
-    (tmp / "train.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n", encoding="utf-8")
-    shutil.rmtree(d, ignore_errors=True)
-    tmp.rename(d)
-    return model_dir, data
+    return random_llama_assets(cache, "comm", shape, rows, dtype=torch.bfloat16)
 
 
 def layout_ds(name: str, shape: dict, work: Path) -> Path:
@@ -349,14 +334,8 @@ FORMULAS = {
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller model, 2 ranks, 4 layouts: a smoke test")
-    ap.add_argument("--cache-dir", type=Path, default=CACHE)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--worker-spec", help=argparse.SUPPRESS)
-    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    ap = worker_parser(__doc__, "smaller model, 2 ranks, 4 layouts: a smoke test", DEFAULT_OUT)
     ap.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker_spec:
         worker(args)

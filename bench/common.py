@@ -171,3 +171,50 @@ def table(headers: list[str], rows: list[list], fmt: dict[int, str] | None = Non
 def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def random_llama_assets(cache: Path, name: str, shape: dict, rows, dtype=None, max_positions: int | None = None
+                        ) -> tuple[Path, Path]:
+    """A random-weight Llama-3-architecture model of ``shape`` with the demo tokenizer (HF format) and
+    a text-format train.jsonl from ``rows(corpus_lines)``, built once under ``cache/name-<shape>``
+    (written to a temporary directory first, so that an interrupted build is never reused)."""
+    import shutil
+
+    key = "-".join(f"{k}{v}" for k, v in sorted(shape.items()) if k != "rank")
+    d = cache / f"{name}-{key}"
+    model_dir, data = d / "model", d / "train.jsonl"
+    if (model_dir / "config.json").is_file() and data.is_file():
+        return model_dir, data
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from allora_ds.tiny import ASSETS, build_tokenizer, tiny_llama_config
+
+    tmp = d.with_name(d.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tokenizer(tmp / "model")
+    extra = {"max_positions": max_positions} if max_positions else {}
+    config = tiny_llama_config(shape["vocab"], hidden=shape["hidden"], layers=shape["layers"], heads=shape["heads"],
+                               kv_heads=shape["kv_heads"], intermediate=shape["intermediate"], **extra)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    (model.to(dtype) if dtype is not None else model).save_pretrained(tmp / "model")
+    lines = (ASSETS / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    (tmp / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows(lines)) + "\n", encoding="utf-8")
+    shutil.rmtree(d, ignore_errors=True)
+    tmp.rename(d)
+    return model_dir, data
+
+
+def worker_parser(doc: str, quick_help: str, out: Path):
+    """The command line of a benchmark that re-runs itself as its ranks' worker (``--worker-spec``)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--cache-dir", type=Path, default=CACHE)
+    ap.add_argument("--out", type=Path, default=out)
+    ap.add_argument("--worker-spec", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return ap
