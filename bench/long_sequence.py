@@ -379,4 +379,6 @@ def print_report(res: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from allora_ds.errors import cli  # each rank ends through errors._exit, never in gloo's teardown abort
+
+    sys.exit(cli(main)())

@@ -109,6 +109,8 @@ def distributed(a):
 
 
 if __name__ == "__main__":
+    from allora_ds.errors import cli  # each rank ends through errors._exit, never in gloo's teardown abort
+
     p = argparse.ArgumentParser()
     p.add_argument("model")
     p.add_argument("out")
@@ -119,4 +121,4 @@ if __name__ == "__main__":
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--local_rank", type=int, default=0)
     a = p.parse_args()
-    reference(a) if a.reference else distributed(a)
+    cli(reference if a.reference else distributed)(a)

@@ -83,10 +83,12 @@ def distributed(a):
 
 
 if __name__ == "__main__":
+    from allora_ds.errors import cli  # each rank ends through errors._exit, never in gloo's teardown abort
+
     p = argparse.ArgumentParser()
     p.add_argument("model")
     p.add_argument("out")
     p.add_argument("--comm", choices=("shipped", "fp32", "bf16"), default="shipped")
     p.add_argument("--as-ranks", type=int, default=1)
     p.add_argument("--local_rank", type=int, default=0)
-    distributed(p.parse_args())
+    cli(distributed)(p.parse_args())

@@ -26,4 +26,6 @@ def main(config, ckpt, out):
 
 
 if __name__ == "__main__":
-    main(*[a for a in sys.argv[1:] if not a.startswith("--local_rank")])
+    from allora_ds.errors import cli  # each rank ends through errors._exit, never in gloo's teardown abort
+
+    cli(main)(*[a for a in sys.argv[1:] if not a.startswith("--local_rank")])

@@ -70,5 +70,7 @@ def main(config, out, overrides):
 
 
 if __name__ == "__main__":
+    from allora_ds.errors import cli  # each rank ends through errors._exit, never in gloo's teardown abort
+
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    main(args[0], args[1], args[2:])
+    cli(main)(args[0], args[1], args[2:])

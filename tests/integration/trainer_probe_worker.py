@@ -122,4 +122,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from allora_ds.errors import cli  # each rank ends through errors._exit, never in gloo's teardown abort
+
+    cli(main)()
