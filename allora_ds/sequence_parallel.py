@@ -6,8 +6,8 @@ into "all tokens, my heads" and back (``deepspeed.runtime.sequence_parallel.ulys
 What this module owns, and why it is not DeepSpeed's data-loader adapter:
 
 * **Layout.** DeepSpeed's groups: SP groups of consecutive ranks ``[0..SP-1], [SP..2SP-1], ...``,
-  gradients reduced over the whole world and divided by the data-parallel size ``world / SP``. So
-  the data-parallel rank is ``rank // SP``: the ranks of one group take the same rows (the
+  gradients reduced over the whole world (divided by what ``gradient_divisor`` says). So the
+  data-parallel rank is ``rank // SP``: the ranks of one group take the same rows (the
   trainer's own order, a pure function of seed and step) and each keeps its slice of them.
 * **Sharding** (``shard``): labels are shifted on the whole sequence *before* it is cut (a slice's
   last token predicts the next slice's first), positions stay global, the length is padded to a
@@ -98,7 +98,8 @@ def gradient_divisor(ds_config: dict, layout: Layout) -> int:
     ZeRO-3's reduce-scatter path (stage3.py ``__avg_scatter_grads``, which ignores SP); without
     reduce_scatter ZeRO-3 picks the path per bucket, by size, so only reduce_scatter gives one
     divisor for all gradients (``check_ds_config``). tests/integration/test_sequence_parallel.py
-    holds every shipped layout to SP=1's gradients, so a DeepSpeed that changes this fails there.
+    holds ZeRO-3 (zero3_cpu) and ZeRO-2 to SP=1's gradients, so a DeepSpeed that changes this
+    fails there; hpZ and offload under SP are not tested.
     """
     zero = ds_config.get("zero_optimization", {})
     if layout.size > 1 and int(zero.get("stage", 0)) == 3:
