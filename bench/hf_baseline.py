@@ -83,6 +83,7 @@ def main() -> None:
     from transformers.data.data_collator import default_data_collator
 
     from allora_ds.data import ALPACA_PROMPT
+    from allora_ds.flops import causal_pairs
 
     # Created first: its HfTrainerDeepSpeedConfig makes from_pretrained build the model under
     # zero.Init (partitioned on creation), as the allora_ds trainer does.
@@ -117,11 +118,13 @@ def main() -> None:
         collator = DataCollatorWithFlattening()
     else:
         collator = DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100)
-    counts = []  # (examples, tokens before padding, tokens after) of every micro-batch, in order
+    # (examples, tokens before padding, tokens after, causal query-key pairs) of every micro-batch, in order
+    counts = []
 
     def counting_collator(features):
         batch = collator(features)
-        counts.append((len(features), sum(len(f["input_ids"]) for f in features), batch["input_ids"].numel()))
+        lengths = [len(f["input_ids"]) for f in features]
+        counts.append((len(features), sum(lengths), batch["input_ids"].numel(), causal_pairs(lengths)))
         return batch
 
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
@@ -147,16 +150,16 @@ def main() -> None:
     # Micro-batch j belongs to optimizer step j // gas + 1 (the loader may have collated one more).
     window = [c for j, c in enumerate(counts) if a.timed_from < j // a.gas + 1 <= a.steps]
     assert len(window) == (a.steps - a.timed_from) * a.gas, (len(counts), len(window))
-    totals = torch.tensor([[sum(c[k] for c in window) for k in range(3)]], dtype=torch.float64)
+    totals = torch.tensor([[sum(c[k] for c in window) for k in range(4)]], dtype=torch.float64)
     dist.all_reduce(totals)
-    examples, tokens, padded = (int(x) for x in totals[0].tolist())
+    examples, tokens, padded, pairs = (int(x) for x in totals[0].tolist())
     if dist.get_rank() == 0:
         assert examples == (a.steps - a.timed_from) * a.micro * a.gas * world
         dt = marks[a.steps] - marks[a.timed_from]
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         Path(a.out).write_text(json.dumps({
             "tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt, "world": world, "final_loss": losses[-1],
-            "examples": examples, "padded_tokens": padded,
+            "examples": examples, "padded_tokens": padded, "causal_pairs": pairs,
             "trainable": model.get_nb_trainable_parameters()[0],
             # every parameter, base and adapter, is a ZeRO-3 partitioned one (as in allora_ds)
             "zero3_partitioned": all(hasattr(p, "ds_id") for p in model.parameters()),

@@ -96,13 +96,23 @@ class Setting:
     world: int = 2
     # alpaca workload: allora_ds packs examples into rows of pack_len tokens (micro rows per
     # micro-batch); the Trainer takes hf_micro examples per micro-batch
-    workload: str = "text"
+    workload: str = "text"  # text, or alpaca-format instruction rows: alpaca, commonsense
     pack_len: int = 0
     hf_micro: int = 0
+    prompt_tokens: tuple[int, int] = (60, 250)  # instruction rows: uniform ranges of the rendered prompt
+    response_tokens: tuple[int, int] = (20, 300)  # and of the response (+ EOS)
+    layout: str = "zero3_cpu"  # the shipped DeepSpeed JSON both trainers read (bf16 taken from the dtype)
+
+    @property
+    def instruction(self) -> bool:
+        return self.workload != "text"
 
     def model_key(self) -> str:
         keys = ("hidden", "layers", "heads", "kv_heads", "vocab", "seq_len", "rows", "workload")
-        return hashlib.sha1(json.dumps({k: getattr(self, k) for k in keys}).encode()).hexdigest()[:10]
+        spec = {k: getattr(self, k) for k in keys}
+        if self.instruction:
+            spec.update(prompt=list(self.prompt_tokens), response=list(self.response_tokens))
+        return hashlib.sha1(json.dumps(spec).encode()).hexdigest()[:10]
 
 
 FULL = Setting()
@@ -117,7 +127,6 @@ ALPACA_QUICK = Setting(hidden=64, layers=2, heads=4, kv_heads=2, vocab=2048, seq
 ALPACA_SYSTEMS = ("allora", "allora_full_logits", "hf_flat", "hf_pad")
 GOAL_ALPACA_OVER_HF = 1.3
 ALPACA_OUT = RESULTS / "throughput_alpaca.json"
-PROMPT_TOKENS, RESPONSE_TOKENS = (60, 250), (20, 300)
 
 
 def build_assets(s: Setting, cache: Path) -> tuple[Path, Path]:
@@ -139,11 +148,11 @@ def build_assets(s: Setting, cache: Path) -> tuple[Path, Path]:
     model = LlamaForCausalLM(config)
     model.save_pretrained(tmp / "model")
     lines = (ASSETS / "corpus.txt").read_text(encoding="utf-8").splitlines()
-    rows = alpaca_rows(s, tok, lines) if s.workload == "alpaca" else text_rows(s, tok, lines)
+    rows = alpaca_rows(s, tok, lines) if s.instruction else text_rows(s, tok, lines)
     (tmp / "train.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n", encoding="utf-8")
     n = sum(p.numel() for p in model.parameters())
     info = {"parameters": n, "setting": asdict(s)}
-    if s.workload == "alpaca":
+    if s.instruction:
         info["data"] = alpaca_stats(rows, tok)
     (tmp / "info.json").write_text(json.dumps(info))
     if d.exists():
@@ -167,8 +176,9 @@ def text_rows(s: Setting, tok, lines: list[str]) -> list[dict]:
 
 
 def alpaca_rows(s: Setting, tok, lines: list[str]) -> list[dict]:
-    """Alpaca records whose rendered prompt (template + instruction) has 60-250 tokens and whose
-    response (+ EOS) has 20-300, uniformly drawn (seeded); text from the corpus, word by word."""
+    """Alpaca records whose rendered prompt (template + instruction) has ``s.prompt_tokens`` tokens and
+    whose response (+ EOS) ``s.response_tokens``, uniformly drawn (seeded); text from the corpus, word
+    by word."""
     import random
 
     from allora_ds.data import ALPACA_PROMPT
@@ -187,7 +197,7 @@ def alpaca_rows(s: Setting, tok, lines: list[str]) -> list[dict]:
 
     rows = []
     for _ in range(s.rows):
-        p, r = rng.randint(*PROMPT_TOKENS), rng.randint(*RESPONSE_TOKENS)
+        p, r = rng.randint(*s.prompt_tokens), rng.randint(*s.response_tokens)
         instruction = grow(p, lambda t: len(tok(ALPACA_PROMPT.format(instruction=t)).input_ids))
         output = grow(r - 1, lambda t: len(tok(t, add_special_tokens=False).input_ids))  # + EOS
         rows.append({"instruction": instruction, "input": "", "output": output})
@@ -206,16 +216,19 @@ def alpaca_stats(rows: list[dict], tok) -> dict:
 
 
 def bench_ds_config(s: Setting, model_dir: Path, data: Path, out: Path) -> dict:
-    """ds_configs/zero3_cpu.json with every "auto" resolved by allora_ds's filler, which uses the same
+    """ds_configs/<s.layout>.json with every "auto" resolved by allora_ds's filler, which uses the same
     rules as transformers' (batch sizes and optimizer from the arguments, bucket sizes from the hidden
-    size); written as the single explicit JSON both trainers read."""
+    size), bf16 taken from the model's dtype (fp32 here); written as the single explicit JSON both
+    trainers read."""
     from allora_ds.config import load_config
     from allora_ds.ds_config import fill_ds_config, read_ds_config
 
-    src = REPO / "ds_configs" / "zero3_cpu.json"
+    src = REPO / "ds_configs" / f"{s.layout}.json"
     cfg = load_config(None, base=allora_config(s, "allora", model_dir, data, out.parent, src))
-    ds = fill_ds_config(read_ds_config(src), cfg, s.world, s.hidden, src)
-    if s.workload == "alpaca":  # a micro-batch is a packed row for one trainer, examples for the other
+    raw = read_ds_config(src)
+    raw["bf16"] = {**raw.get("bf16", {}), "enabled": "auto"}
+    ds = fill_ds_config(raw, cfg, s.world, s.hidden, src)
+    if s.instruction:  # a micro-batch is a packed row for one trainer, examples for the other
         ds.update({k: "auto" for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                                        "train_batch_size")})
     out.write_text(json.dumps(ds, indent=2))
@@ -225,7 +238,7 @@ def bench_ds_config(s: Setting, model_dir: Path, data: Path, out: Path) -> dict:
 def allora_config(s: Setting, method: str, model_dir: Path, data: Path, run_dir: Path, ds_path: Path,
                   chunked_loss: bool = True) -> dict:
     data_section = {"train": str(data), "format": "text", "max_seq_len": s.seq_len, "packing": False}
-    if s.workload == "alpaca":
+    if s.instruction:
         data_section = {"train": str(data), "format": "alpaca", "max_seq_len": s.pack_len, "packing": True}
     return {
         "model": {"path": str(model_dir), "dtype": "float32", "gradient_checkpointing": False},
@@ -261,7 +274,8 @@ def run_allora(s: Setting, method: str, model_dir: Path, data: Path, ds_path: Pa
            "wall_s": wall, "final_loss": recs[-1]["loss"]}
     if window is not None:  # alpaca: the examples of the window, from the data order
         assert tokens == window["tokens"], f"metrics count {tokens} tokens, the data order {window['tokens']}"
-        out.update(examples=window["examples"], examples_per_s=window["examples"] / seconds)
+        out.update(examples=window["examples"], examples_per_s=window["examples"] / seconds,
+                   causal_pairs=window["causal_pairs"])
     return out
 
 
@@ -270,6 +284,7 @@ def allora_window(s: Setting, model_dir: Path, data: Path, ds_path: Path, work: 
     is a pure function of (seed, step), so it is recomputed here with the trainer's own functions."""
     from allora_ds.config import load_config
     from allora_ds.data import epoch_order, example_lengths, rounds_per_epoch, rank_micro_batch
+    from allora_ds.flops import causal_pairs
     from allora_ds.modeling import load_tokenizer
     from allora_ds.train import prepare_data
 
@@ -278,7 +293,7 @@ def allora_window(s: Setting, model_dir: Path, data: Path, ds_path: Path, work: 
     t = cfg.train
     rounds = rounds_per_epoch(len(rows), t.micro_batch_size, s.world)
     rounds -= rounds % t.gradient_accumulation_steps
-    examples = tokens = 0
+    examples = tokens = pairs = 0
     for step in range(s.timed_from, s.steps):  # 0-based: the steps after the first timed_from
         epoch, first = divmod(step * t.gradient_accumulation_steps, rounds)
         order = epoch_order(len(rows), t.seed, epoch)
@@ -287,12 +302,13 @@ def allora_window(s: Setting, model_dir: Path, data: Path, ds_path: Path, work: 
                 for i in rank_micro_batch(order, first + k, t.micro_batch_size, s.world, rank):
                     examples += len(example_lengths(rows[i]))
                     tokens += len(rows[i]["input_ids"])
-    return {"examples": examples, "tokens": tokens, "packed_rows": len(rows)}
+                    pairs += causal_pairs(example_lengths(rows[i]))
+    return {"examples": examples, "tokens": tokens, "causal_pairs": pairs, "packed_rows": len(rows)}
 
 
 def run_hf(s: Setting, model_dir: Path, data: Path, ds_path: Path, work: Path, env: dict, collator: str = "") -> dict:
     out, marks = work / "timing.json", work / "marks.txt"
-    alpaca = s.workload == "alpaca"
+    alpaca = s.instruction
     cmd = deepspeed_cmd(
         s.world, REPO / "bench" / "hf_baseline.py", "--model", model_dir, "--data", data, "--deepspeed", ds_path,
         "--out", out, "--marks", marks, "--output-dir", work / "trainer", "--micro", s.hf_micro if alpaca else s.micro,
@@ -311,7 +327,7 @@ def run_hf(s: Setting, model_dir: Path, data: Path, ds_path: Path, work: Path, e
            "wall_s": wall, "final_loss": r["final_loss"], "zero3_partitioned": r["zero3_partitioned"]}
     if alpaca:
         res.update(examples=r["examples"], examples_per_s=r["examples"] / r["seconds"],
-                   padded_tokens=r["padded_tokens"])
+                   padded_tokens=r["padded_tokens"], causal_pairs=r["causal_pairs"])
     return res
 
 
