@@ -38,89 +38,115 @@ def parse_args():
     return p.parse_args()
 
 
+class PlainLoop:
+    """The loop over one allora_ds config: ``step(i)`` trains optimizer step ``i`` and returns the
+    step's global mean loss (a tensor) and this rank's tokens. With a process group of more than one
+    rank, gradients are averaged by DDP; without one it is a world of one."""
+
+    def __init__(self, config: str | Path):
+        import torch
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+        from transformers import get_scheduler
+
+        from allora_ds import sequence_parallel as sp
+        from allora_ds.config import load_config
+        from allora_ds.data import rounds_per_epoch
+        from allora_ds.ds_config import fill_ds_config, read_ds_config
+        from allora_ds.modeling import load_model, load_tokenizer
+        from allora_ds.train import TrainingRun, prepare_data
+
+        distributed = dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        cfg = load_config(config)
+        tc = self.tc = cfg.train
+        torch.manual_seed(tc.seed)
+        tok = load_tokenizer(cfg.model)
+        rows = prepare_data(cfg, tok, rank=1)[0]  # rank != 0: the allora_ds run prints the data report
+        rounds = rounds_per_epoch(len(rows), tc.micro_batch_size, world)
+        rounds -= rounds % tc.gradient_accumulation_steps
+        # The trainer's own data order and counts: micro_batches reads only these fields.
+        self.data = TrainingRun(cfg=cfg, out=Path(tc.output_dir), rank=rank, world=world, engine=None,
+                                pad_token_id=tok.pad_token_id, train_rows=rows, eval_rows=None,
+                                rounds_per_epoch=rounds, total_steps=tc.max_steps, label_counts=rows["n_labels"],
+                                layout=sp.Layout.of(rank, world, 1))
+        # The run's DeepSpeed JSON only for what load_model reads of it (a replicated base: not ZeRO-3).
+        ds = fill_ds_config(read_ds_config(tc.deepspeed), cfg, world, 0, tc.deepspeed)
+        assert ds["zero_optimization"]["stage"] < 3, "the plain loop replicates the base model"
+        self.model, _, _ = load_model(cfg, ds, verbose=False)
+        self.model.train()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.world, self.distributed = world, distributed and world > 1
+        self.forward = DistributedDataParallel(self.model) if self.distributed else self.model
+        self.opt = torch.optim.AdamW(self.trainable, lr=tc.lr, betas=(0.9, 0.999), eps=1e-8,
+                                     weight_decay=tc.weight_decay)
+        sched = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[tc.scheduler]
+        self.lr_schedule = get_scheduler(sched, self.opt, num_warmup_steps=tc.warmup_steps,
+                                         num_training_steps=tc.max_steps)
+
+    def step(self, step: int):
+        import contextlib
+
+        import torch
+        import torch.distributed as dist
+
+        from allora_ds.loss import label_positions
+        from allora_ds.train import micro_batches
+
+        sb = micro_batches(self.data, step)
+        gas = len(sb.batches)
+        # DDP averages over ranks: the loss summed over this rank's labels, times world / N, gives
+        # the gradient of (sum of all token losses) / N, as the trainer's normalisation does.
+        per_micro = max(sb.global_labels, 1) / self.world
+        step_loss = torch.zeros(())
+        for k, b in enumerate(sb.batches):
+            inputs = dict(b)
+            inputs["label_positions"] = label_positions(b["labels"], b.get("shift_labels"))
+            accumulate = self.distributed and k < gas - 1
+            with self.forward.no_sync() if accumulate else contextlib.nullcontext():
+                loss = self.forward(**inputs, num_items_in_batch=per_micro).loss
+                loss.backward()
+            step_loss += loss.detach() / self.world
+        torch.nn.utils.clip_grad_norm_(self.trainable, self.tc.max_grad_norm)
+        self.opt.step()
+        self.lr_schedule.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.distributed:
+            dist.all_reduce(step_loss)  # the global mean loss of the step, as the trainer logs it
+        return step_loss, sb.tokens
+
+
 def main() -> None:
     a = parse_args()
     import deepspeed
     import torch
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-    from transformers import get_scheduler
-
-    from allora_ds import sequence_parallel as sp
-    from allora_ds.config import load_config
-    from allora_ds.data import rounds_per_epoch
-    from allora_ds.ds_config import fill_ds_config, read_ds_config
-    from allora_ds.loss import label_positions
-    from allora_ds.modeling import load_model, load_tokenizer
-    from allora_ds.train import TrainingRun, micro_batches, prepare_data
 
     # The process group through DeepSpeed only because load_model's (disabled) zero.Init reads the
     # world size from it; the loop itself uses torch.distributed and DDP.
     deepspeed.init_distributed(dist_backend="gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = load_config(a.config)
-    tc = cfg.train
-    torch.manual_seed(tc.seed)
-    tok = load_tokenizer(cfg.model)
-    rows = prepare_data(cfg, tok, rank=1)[0]  # rank != 0: the allora_ds run prints the data report
-    rounds = rounds_per_epoch(len(rows), tc.micro_batch_size, world)
-    rounds -= rounds % tc.gradient_accumulation_steps
-    # The trainer's own data order and counts: micro_batches reads only these fields.
-    data = TrainingRun(cfg=cfg, out=Path(tc.output_dir), rank=rank, world=world, engine=None,
-                       pad_token_id=tok.pad_token_id, train_rows=rows, eval_rows=None, rounds_per_epoch=rounds,
-                       total_steps=tc.max_steps, label_counts=rows["n_labels"], layout=sp.Layout.of(rank, world, 1))
-    # The run's DeepSpeed JSON only for what load_model reads of it (a replicated base: not ZeRO-3).
-    ds = fill_ds_config(read_ds_config(tc.deepspeed), cfg, world, 0, tc.deepspeed)
-    assert ds["zero_optimization"]["stage"] < 3, "the plain loop replicates the base model"
-    model, _, _ = load_model(cfg, ds, verbose=False)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    ddp = DistributedDataParallel(model)
-    opt = torch.optim.AdamW(trainable, lr=tc.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=tc.weight_decay)
-    sched = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[tc.scheduler]
-    lr_schedule = get_scheduler(sched, opt, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.max_steps)
-
+    loop = PlainLoop(a.config)
+    steps = loop.tc.max_steps
     marks: dict[int, float] = {}
     losses, tokens = [], 0
-    for step in range(tc.max_steps):
-        sb = micro_batches(data, step)
-        gas = len(sb.batches)
-        # DDP averages over ranks: the loss summed over this rank's labels, times world / N, gives
-        # the gradient of (sum of all token losses) / N, as the trainer's normalisation does.
-        per_micro = max(sb.global_labels, 1) / world
-        step_loss = torch.zeros(())
-        for k, b in enumerate(sb.batches):
-            inputs = dict(b)
-            inputs["label_positions"] = label_positions(b["labels"], b.get("shift_labels"))
-            if k < gas - 1:
-                with ddp.no_sync():
-                    loss = ddp(**inputs, num_items_in_batch=per_micro).loss
-                    loss.backward()
-            else:
-                loss = ddp(**inputs, num_items_in_batch=per_micro).loss
-                loss.backward()
-            step_loss += loss.detach() / world
-        torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
-        opt.step()
-        lr_schedule.step()
-        opt.zero_grad(set_to_none=True)
-        dist.all_reduce(step_loss)  # the global mean loss of the step, as the trainer logs it
-        losses.append(step_loss.item())
+    for step in range(steps):
+        loss, n = loop.step(step)
+        losses.append(loss.item())
         done = step + 1
         if a.timed_from < done:
-            tokens += sb.tokens
-        if done in (a.timed_from, tc.max_steps):
+            tokens += n
+        if done in (a.timed_from, steps):
             dist.barrier()
             marks[done] = time.perf_counter()
-            if a.marks and rank == 0:
+            if a.marks and dist.get_rank() == 0:
                 with open(a.marks, "a") as f:
                     f.write(f"{done}\n")
     totals = torch.tensor([tokens], dtype=torch.float64)
     dist.all_reduce(totals)
-    if rank == 0:
-        dt = marks[tc.max_steps] - marks[a.timed_from]
+    if dist.get_rank() == 0:
+        dt = marks[steps] - marks[a.timed_from]
         Path(a.out).write_text(json.dumps({
-            "tokens": int(totals[0]), "seconds": dt, "tokens_per_s": float(totals[0]) / dt, "world": world,
+            "tokens": int(totals[0]), "seconds": dt, "tokens_per_s": float(totals[0]) / dt, "world": loop.world,
             "final_loss": sum(losses[-a.timed_from:]) / a.timed_from, "losses": losses,
         }))
 

@@ -54,6 +54,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from allora_ds.distributed import free_port  # noqa: E402
 from bench.common import (  # noqa: E402
     REPO, RESULTS, child_env, deepspeed_cmd, machine, median, paired_ratio, run_job, table, write_json,
 )
@@ -85,7 +86,8 @@ def shape_of(s: Setting) -> dict:
 
 
 def flop_model_of(shape: dict, rank: int):
-    """allora_ds.flops.FlopModel of a Llama-3-architecture shape (untied head), without building it."""
+    """allora_ds.flops.FlopModel of a Llama-3-architecture shape (untied head), without building it
+    (flops.flop_model counts every parameter but the input embedding, the RMSNorm weights too)."""
     from allora_ds.flops import FlopModel
 
     h, kv = shape["hidden"], shape["hidden"] * shape["kv_heads"] // shape["heads"]
@@ -93,7 +95,8 @@ def flop_model_of(shape: dict, rank: int):
             (shape["intermediate"], h)]
     per_layer = sum(i * o for i, o in proj)
     adapters = sum(rank * (i + o) for i, o in proj)
-    return FlopModel(matmul_params=shape["layers"] * (per_layer + adapters) + h * shape["vocab"],
+    norms = (2 * shape["layers"] + 1) * h
+    return FlopModel(matmul_params=shape["layers"] * (per_layer + adapters) + h * shape["vocab"] + norms,
                      trainable_params=shape["layers"] * adapters, n_layers=shape["layers"], attn_dim=h)
 
 
@@ -162,6 +165,77 @@ def run_plain(s: Setting, method: str, model_dir: Path, data: Path, ds_path: Pat
             "examples_per_s": window["examples"] / r["seconds"], "causal_pairs": window["causal_pairs"]}
 
 
+def method_ab_worker(kind: str, configs: dict[str, str], steps: int, out: Path) -> None:
+    """One process, one thread, a world of one: per method, the plain loop (``kind`` plain) or the
+    allora_ds trainer's engine and ``train_step`` (``kind`` trainer) over the same packed rows, their
+    steps interleaved (the order swapped every step), CPU time per step. What ALLoRA's rule costs in
+    a whole model, with the drift of a shared machine falling on both alike."""
+    import torch
+
+    torch.set_num_threads(1)
+    if kind == "plain":
+        import deepspeed
+
+        from bench.plain_loop import PlainLoop
+
+        deepspeed.init_distributed(dist_backend="gloo")  # a world of one (see plain_loop.main)
+        loops = {m: PlainLoop(c).step for m, c in configs.items()}
+    else:
+        from allora_ds import train as T
+        from allora_ds.config import load_config
+
+        runs = {m: T.setup(load_config(c)) for m, c in configs.items()}  # two engines, one process
+
+        def trainer_step(run):
+            def step(_):
+                T.train_step(run)
+                run.step += 1
+            return step
+        loops = {m: trainer_step(r) for m, r in runs.items()}
+    names = list(loops)
+    cpu: dict[str, list[float]] = {m: [] for m in names}
+    for step in range(steps + 2):  # the first two are warmup
+        for m in names if step % 2 else names[::-1]:
+            c0 = time.process_time()
+            loops[m](step)
+            if step >= 2:
+                cpu[m].append(time.process_time() - c0)
+    out.write_text(json.dumps(cpu))
+
+
+def method_ab(s: Setting, model_dir: Path, data: Path, ds_path: Path, work: Path, steps: int) -> dict:
+    """``method_ab_worker`` for the plain loop and for the trainer: paired ratios of step CPU time."""
+    import yaml
+
+    from allora_ds.config import load_config
+    from allora_ds.ds_config import fill_ds_config, read_ds_config
+
+    res = {"steps": steps}
+    for kind in ("plain", "trainer"):
+        configs = {}
+        for method in ("allora", "lora"):
+            one = replace(s, world=1, steps=steps + 2)
+            cfg = allora_config(one, method, model_dir, data, work / f"ab-{kind}-{method}", work / "ds_config_1.json")
+            cfg["train"]["log_steps"] = steps + 2
+            configs[method] = str(work / f"ab-{kind}-{method}.yaml")
+            Path(configs[method]).write_text(yaml.safe_dump(cfg))
+        # the bench's DeepSpeed JSON with its batch fields for a world of one
+        (work / "ds_config_1.json").write_text(json.dumps(fill_ds_config(
+            read_ds_config(ds_path), load_config(configs["allora"]), 1, s.hidden, ds_path)))
+        out = work / f"ab-{kind}.json"
+        run_job([sys.executable, str(Path(__file__).resolve()), "--method-ab-worker", str(out), "--method-ab-kind", kind,
+                 "--method-ab-configs", json.dumps(configs), "--method-ab-steps", str(steps)],
+                work / f"ab-{kind}-log.txt", child_env(threads=1, RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, LOCAL_SIZE=1,
+                                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port()),
+                timeout=3600)
+        cpu = json.loads(out.read_text())
+        ratios = sorted(a / b for a, b in zip(cpu["allora"], cpu["lora"]))
+        q = len(ratios) // 4
+        res[kind] = {"cpu_s": cpu, "allora_time_over_lora": median(ratios), "p25_p75": [ratios[q], ratios[-1 - q]],
+                     "sum_ratio": sum(cpu["allora"]) / sum(cpu["lora"])}
+    return res
+
+
 def run_system(system: str, s: Setting, model_dir: Path, data: Path, ds_path: Path, work: Path, env: dict,
                window: dict) -> dict:
     if system == "hf_flat":
@@ -188,7 +262,8 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def bench_workload(name: str, s: Setting, systems: tuple[str, ...], cache: Path, root: Path, matmul_reps: int) -> dict:
+def bench_workload(name: str, s: Setting, systems: tuple[str, ...], cache: Path, root: Path, matmul_reps: int,
+                   ab_steps: int) -> dict:
     t_start = time.perf_counter()
     model_dir, data = build_assets(s, cache)
     info = json.loads((model_dir.parent / "info.json").read_text())
@@ -200,6 +275,11 @@ def bench_workload(name: str, s: Setting, systems: tuple[str, ...], cache: Path,
     shape = shape_of(s)
     fm = flop_model_of(shape, s.rank)
     rate = matmul_rate(shape, s.pack_len, s.world, matmul_reps, root)
+    ab = method_ab(s, model_dir, data, ds_path, root, ab_steps) if ab_steps else None
+    for kind in ("plain", "trainer") if ab else ():
+        print(f"{name}: {kind}, one process, steps interleaved: ALLoRA step / LoRA step = "
+              f"{ab[kind]['allora_time_over_lora']:.3f} (quartiles {ab[kind]['p25_p75'][0]:.3f}-"
+              f"{ab[kind]['p25_p75'][1]:.3f}, {ab_steps} pairs)", flush=True)
     runs = []
     for rep in range(s.reps):
         order = systems[rep % len(systems):] + systems[: rep % len(systems)]
@@ -222,7 +302,7 @@ def bench_workload(name: str, s: Setting, systems: tuple[str, ...], cache: Path,
         # on the examples of the timing window (the same tokens and lengths for Llama-3-8B)
         "flop_split": {"this_model": flop_split(shape, s.rank, window["tokens"], window["causal_pairs"]),
                        "llama3_8b": flop_split(LLAMA3_8B, s.rank, window["tokens"], window["causal_pairs"])},
-        "matmul_rate": rate, "runs": runs, "summary": summarise(runs),
+        "matmul_rate": rate, "method_ab": ab, "runs": runs, "summary": summarise(runs),
         # the same rows, model and seed: the plain loop and allora_ds apply the same updates
         "loss_rel_diff": {m: max(abs(a - b) / abs(b) for a, b in zip(losses[p], losses[m]))
                           for m, p in (("allora", "plain"), ("lora", "plain_lora")) if losses.get(m) and losses.get(p)},
@@ -239,6 +319,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cache-dir", type=Path, default=REPO / "bench" / "cache")
     ap.add_argument("--keep-runs", type=Path, default=None, help="keep run directories (logs, metrics) here")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--ab-steps", type=int, default=None,
+                    help="interleaved ALLoRA/LoRA step pairs in one process (default 16; 2 with --quick; 0: skip)")
+    ap.add_argument("--method-ab-worker", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--method-ab-configs", help=argparse.SUPPRESS)
+    ap.add_argument("--method-ab-kind", choices=("plain", "trainer"), help=argparse.SUPPRESS)
+    ap.add_argument("--method-ab-steps", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--matmul-worker", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--matmul-shape", help=argparse.SUPPRESS)
     ap.add_argument("--matmul-tokens", type=int, help=argparse.SUPPRESS)
@@ -246,6 +332,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.matmul_worker:
         matmul_worker(json.loads(args.matmul_shape), args.matmul_tokens, args.reps, args.matmul_worker)
         return {}
+    if args.method_ab_worker:
+        method_ab_worker(args.method_ab_kind, json.loads(args.method_ab_configs), args.method_ab_steps,
+                         args.method_ab_worker)
+        return {}
+    ab_steps = args.ab_steps if args.ab_steps is not None else (2 if args.quick else 16)
     systems = tuple(x for x in SYSTEMS if x in args.systems.split(","))
     t_start = time.perf_counter()
     result = {"machine": machine(), "goals": GOALS, "targets": list(TARGETS), "workloads": {}}
@@ -255,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
             s = replace(s, reps=args.reps or s.reps)
             root = (args.keep_runs or Path(tmp)) / name
             result["workloads"][name] = bench_workload(name, s, systems, args.cache_dir, root,
-                                                       matmul_reps=3 if args.quick else 20)
+                                                       matmul_reps=3 if args.quick else 20, ab_steps=ab_steps)
             write_json(args.out, {**result, "wall_s": time.perf_counter() - t_start})  # each workload as it ends
     result.update(loadavg_1m_end=os.getloadavg()[0], wall_s=time.perf_counter() - t_start)
     write_json(args.out, result)
@@ -305,6 +396,10 @@ def print_report(res: dict, out: Path) -> None:
         print(table(["paired ratio (median over repetitions)", "wall clock", "CPU time", "goal"],
                     [[label, wall[k], cpu[k], _goal(res["goals"], g)] for k, (label, g) in RATIO_LABELS.items() if k in wall],
                     {1: ".3f", 2: ".3f"}))
+        for kind in ("plain", "trainer") if w.get("method_ab") else ():
+            ab = w["method_ab"][kind]
+            print(f"ALLoRA step / LoRA step, {kind}, one process, {w['method_ab']['steps']} interleaved pairs: "
+                  f"{ab['allora_time_over_lora']:.3f} (quartiles {ab['p25_p75'][0]:.3f}-{ab['p25_p75'][1]:.3f})")
         for k, v in w["loss_rel_diff"].items():
             print(f"final loss, {k} vs its plain loop: largest relative difference {v:.1e}")
 
