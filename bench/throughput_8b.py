@@ -100,6 +100,24 @@ def flop_model_of(shape: dict, rank: int):
                      trainable_params=shape["layers"] * adapters, n_layers=shape["layers"], attn_dim=h)
 
 
+def checked_flop_model(model_dir: Path, shape: dict, rank: int):
+    """``flop_model_of(shape)``, checked against flops.flop_model of the benchmark's model with its
+    adapters (built on the meta device: shapes only), so that the shares printed are the model's."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from allora_ds.adapters import AdapterSpec, inject_adapters
+    from allora_ds.flops import flop_model
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        inject_adapters(model, AdapterSpec(rank=rank, target_modules=list(TARGETS)), verbose=False)
+    fm = flop_model_of(shape, rank)
+    if fm != flop_model(model):
+        raise SystemExit(f"the FLOP model of {shape} is {fm}, the built model's {flop_model(model)}")
+    return fm
+
+
 def flop_split(shape: dict, rank: int, tokens: int, pairs: int) -> dict:
     """Shares of the model FLOPs of ``tokens`` tokens in examples with ``pairs`` causal query-key pairs:
     the LM head's of the matmul FLOPs, attention's of all (every position counted, as flops.py counts)."""
@@ -273,7 +291,7 @@ def bench_workload(name: str, s: Setting, systems: tuple[str, ...], cache: Path,
     ds = bench_ds_config(s, model_dir, data, ds_path)
     window = allora_window(s, model_dir, data, ds_path, root)
     shape = shape_of(s)
-    fm = flop_model_of(shape, s.rank)
+    fm = checked_flop_model(model_dir, shape, s.rank)
     rate = matmul_rate(shape, s.pack_len, s.world, matmul_reps, root)
     ab = method_ab(s, model_dir, data, ds_path, root, ab_steps) if ab_steps else None
     for kind in ("plain", "trainer") if ab else ():
@@ -281,7 +299,7 @@ def bench_workload(name: str, s: Setting, systems: tuple[str, ...], cache: Path,
               f"{ab[kind]['allora_time_over_lora']:.3f} (quartiles {ab[kind]['p25_p75'][0]:.3f}-"
               f"{ab[kind]['p25_p75'][1]:.3f}, {ab_steps} pairs)", flush=True)
     runs = []
-    for rep in range(s.reps):
+    for rep in range(s.reps if systems else 0):
         order = systems[rep % len(systems):] + systems[: rep % len(systems)]
         for system in order:
             work = root / f"rep{rep}-{system}"
