@@ -102,6 +102,7 @@ class Setting:
     prompt_tokens: tuple[int, int] = (60, 250)  # instruction rows: uniform ranges of the rendered prompt
     response_tokens: tuple[int, int] = (20, 300)  # and of the response (+ EOS)
     layout: str = "zero3_cpu"  # the shipped DeepSpeed JSON both trainers read (bf16 taken from the dtype)
+    packing: str = "greedy"  # instruction rows: allora_ds's data.packing strategy
 
     @property
     def instruction(self) -> bool:
@@ -239,7 +240,7 @@ def allora_config(s: Setting, method: str, model_dir: Path, data: Path, run_dir:
                   chunked_loss: bool = True) -> dict:
     data_section = {"train": str(data), "format": "text", "max_seq_len": s.seq_len, "packing": False}
     if s.instruction:
-        data_section = {"train": str(data), "format": "alpaca", "max_seq_len": s.pack_len, "packing": True}
+        data_section = {"train": str(data), "format": "alpaca", "max_seq_len": s.pack_len, "packing": s.packing}
     return {
         "model": {"path": str(model_dir), "dtype": "float32", "gradient_checkpointing": False},
         "adapter": {"method": method, "rank": s.rank, "eta": 2.0, "alpha": s.alpha, "dropout": 0.0,

@@ -64,6 +64,7 @@ from bench.throughput import (  # noqa: E402
 
 OUT = RESULTS / "throughput_8b.json"
 SYSTEMS = ("allora", "lora", "hf_flat", "plain", "plain_lora")
+EXTRA_SYSTEMS = ("allora_bfd",)  # on request (--systems): allora with data.packing=bfd instead of greedy
 GOALS = {"allora_over_hf_flat_min": 1.25, "allora_over_plain_min": 0.9, "allora_time_over_lora_max": 1.03}
 LLAMA3_8B = {"hidden": 4096, "layers": 32, "heads": 32, "kv_heads": 8, "intermediate": 14336, "vocab": 128256}
 _SPLIT = dict(hidden=512, layers=8, heads=8, kv_heads=2, vocab=4096, micro=1, gas=1, steps=12, timed_from=4,
@@ -261,6 +262,10 @@ def run_system(system: str, s: Setting, model_dir: Path, data: Path, ds_path: Pa
     method = "lora" if system in ("lora", "plain_lora") else "allora"
     if system.startswith("plain"):
         return run_plain(s, method, model_dir, data, ds_path, work, env, window)
+    if system == "allora_bfd":  # other rows, so another window
+        bfd = replace(s, packing="bfd")
+        return run_allora(bfd, method, model_dir, data, ds_path, work, env,
+                          window=allora_window(bfd, model_dir, data, ds_path, work))
     return run_allora(s, method, model_dir, data, ds_path, work, env, window=window)
 
 
@@ -268,13 +273,14 @@ RATIOS = {  # name: (numerator, denominator) of examples/s; *_time_over_*: step 
     "allora_over_hf_flat": ("allora", "hf_flat"), "lora_over_hf_flat": ("lora", "hf_flat"),
     "allora_over_plain": ("allora", "plain"), "lora_over_plain_lora": ("lora", "plain_lora"),
     "allora_time_over_lora": ("lora", "allora"), "plain_allora_time_over_plain_lora": ("plain_lora", "plain"),
+    "allora_bfd_over_allora": ("allora_bfd", "allora"),
 }
 
 
 def summarise(runs: list[dict]) -> dict:
     out = {}
     for metric in ("examples_per_s", "cpu_examples_per_s", "share_of_matmul_rate"):
-        v = {k: [r[metric] for r in runs if r["system"] == k] for k in SYSTEMS}
+        v = {k: [r[metric] for r in runs if r["system"] == k] for k in SYSTEMS + EXTRA_SYSTEMS}
         out[metric] = {"median": {k: median(x) for k, x in v.items() if x},
                        **{name: paired_ratio(v[a], v[b]) for name, (a, b) in RATIOS.items() if v[a] and v[b]}}
     return out
@@ -332,7 +338,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model, 4 steps, 1 repetition: a smoke test")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"of {', '.join(WORKLOADS)}")
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"subset of {', '.join(SYSTEMS)}")
+    ap.add_argument("--systems", default=",".join(SYSTEMS),
+                    help=f"subset of {', '.join(SYSTEMS)}; also {', '.join(EXTRA_SYSTEMS)}")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3; 1 with --quick)")
     ap.add_argument("--cache-dir", type=Path, default=REPO / "bench" / "cache")
     ap.add_argument("--keep-runs", type=Path, default=None, help="keep run directories (logs, metrics) here")
@@ -355,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
                          args.method_ab_worker)
         return {}
     ab_steps = args.ab_steps if args.ab_steps is not None else (2 if args.quick else 16)
-    systems = tuple(x for x in SYSTEMS if x in args.systems.split(","))
+    systems = tuple(x for x in SYSTEMS + EXTRA_SYSTEMS if x in args.systems.split(","))
     t_start = time.perf_counter()
     result = {"machine": machine(), "goals": GOALS, "targets": list(TARGETS), "workloads": {}}
     with tempfile.TemporaryDirectory(prefix="throughput-8b-") as tmp:
@@ -374,13 +381,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 LABELS = {"allora": "allora_ds allora (ZeRO-2, packing, chunked loss)", "lora": "allora_ds lora (same)",
           "hf_flat": "HF Trainer + PEFT LoRA, DataCollatorWithFlattening", "plain": "plain PyTorch + DDP, allora",
-          "plain_lora": "plain PyTorch + DDP, lora"}
+          "plain_lora": "plain PyTorch + DDP, lora", "allora_bfd": "allora_ds allora, data.packing=bfd"}
 RATIO_LABELS = {"allora_over_hf_flat": ("allora_ds allora / HF flattening", "allora_over_hf_flat_min"),
                 "lora_over_hf_flat": ("allora_ds lora / HF flattening", None),
                 "allora_over_plain": ("allora_ds allora / plain loop (allora)", "allora_over_plain_min"),
                 "lora_over_plain_lora": ("allora_ds lora / plain loop (lora)", None),
                 "allora_time_over_lora": ("allora step time / lora (allora_ds)", "allora_time_over_lora_max"),
-                "plain_allora_time_over_plain_lora": ("allora step time / lora (plain loop)", None)}
+                "plain_allora_time_over_plain_lora": ("allora step time / lora (plain loop)", None),
+                "allora_bfd_over_allora": ("allora_ds bfd packing / greedy", None)}
 
 
 def print_report(res: dict, out: Path) -> None:
@@ -400,7 +408,7 @@ def print_report(res: dict, out: Path) -> None:
               f"{fs['this_model']['attention_of_all']:.1%} (Llama-3-8B {fs['llama3_8b']['attention_of_all']:.1%}); "
               f"matmul rate {w['matmul_rate']['gflops_per_rank']:.1f} GFLOP/s per rank")
         rows = []
-        for system in SYSTEMS:
+        for system in SYSTEMS + EXTRA_SYSTEMS:
             mine = [r for r in w["runs"] if r["system"] == system]
             if mine:
                 ex = [r["examples_per_s"] for r in mine]
