@@ -151,6 +151,10 @@ def base_load_kwargs(mc: ModelConfig, zero3: bool) -> dict:
     return kwargs
 
 
+# train.scheduler -> the name transformers.get_scheduler knows it by
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
 def build_engine(cfg: Config, ds_config: dict, model, total_steps: int, mpu=None):
     """The DeepSpeed engine over ``model``'s trainable parameters, with the config's LR schedule.
 
@@ -159,7 +163,7 @@ def build_engine(cfg: Config, ds_config: dict, model, total_steps: int, mpu=None
     from transformers import get_scheduler
 
     tc = cfg.train
-    sched = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[tc.scheduler]
+    sched = SCHEDULERS[tc.scheduler]
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config, mpu=mpu,
         lr_scheduler=lambda opt: get_scheduler(sched, opt, num_warmup_steps=tc.warmup_steps,

@@ -53,7 +53,7 @@ class PlainLoop:
         from allora_ds.config import load_config
         from allora_ds.data import rounds_per_epoch
         from allora_ds.ds_config import fill_ds_config, read_ds_config
-        from allora_ds.modeling import load_model, load_tokenizer
+        from allora_ds.modeling import SCHEDULERS, load_model, load_tokenizer
         from allora_ds.train import TrainingRun, prepare_data
 
         distributed = dist.is_initialized()
@@ -80,7 +80,7 @@ class PlainLoop:
         self.forward = DistributedDataParallel(self.model) if self.distributed else self.model
         self.opt = torch.optim.AdamW(self.trainable, lr=tc.lr, betas=(0.9, 0.999), eps=1e-8,
                                      weight_decay=tc.weight_decay)
-        sched = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[tc.scheduler]
+        sched = SCHEDULERS[tc.scheduler]
         self.lr_schedule = get_scheduler(sched, self.opt, num_warmup_steps=tc.warmup_steps,
                                          num_training_steps=tc.max_steps)
 
