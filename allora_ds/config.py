@@ -42,6 +42,11 @@ class ModelConfig:
                                    "allora_ds/tiled_mlp.py): its [tokens, intermediate] activations exist for one slice "
                                    "at a time, at the price of recomputing the MLP in backward. For long sequences, "
                                    "about tokens per GPU / hidden size; 1 = off.")
+    activation_offload: bool = documented(False, "With gradient_checkpointing: keep each decoder layer's checkpointed "
+                                                 "input in pinned host memory between forward and backward (ALST's "
+                                                 "checkpoint offload, DeepSpeed's CheckpointHiddenStatesOffload; "
+                                                 "allora_ds/activation_offload.py). Frees layers x tokens per GPU x "
+                                                 "hidden x 2 bytes of GPU memory for as much host memory per GPU.")
     attn_implementation: str | None = documented(None, "transformers attention backend (sdpa, eager, flash_attention_2); "
                                                        "None = default.")
     trust_remote_code: bool = documented(False, "Allow model code from the hub repository to run. Off unless you trust it.")
@@ -459,6 +464,9 @@ def _validate(cfg: Config, origin) -> None:
         bad("train.adam_betas", f"must be two numbers in [0, 1), got {t.adam_betas}")
     if cfg.model.mlp_tiles < 1:
         bad("model.mlp_tiles", f"must be >= 1, got {cfg.model.mlp_tiles}")
+    if cfg.model.activation_offload and not cfg.model.gradient_checkpointing:
+        bad("model.activation_offload", "needs model.gradient_checkpointing=true: what it moves to host memory are "
+            "the layer inputs checkpointing keeps")
     if cfg.data.max_seq_len < 2:
         bad("data.max_seq_len", f"must be >= 2, got {cfg.data.max_seq_len}")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:

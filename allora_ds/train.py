@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from allora_ds import checkpoint, flops, log, mixture, tiled_mlp
+from allora_ds import activation_offload, checkpoint, flops, log, mixture, tiled_mlp
 from allora_ds import sequence_parallel as sp
 from allora_ds._testing import faults
 from allora_ds.adapters import scale_diagnostics
@@ -86,6 +86,7 @@ class TrainingRun:
     keepalive: list = field(default_factory=list)  # objects that must outlive deepspeed.initialize
     layout: sp.Layout = field(default_factory=sp.Layout)  # data-parallel rank/size, place in the SP group
     teardown: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # closed after training
+    offload: object = field(default_factory=contextlib.nullcontext)  # entered per step (activation_offload.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,6 +110,7 @@ def setup(cfg: Config) -> TrainingRun:
     sp.check_model(cfg.train.sequence_parallel_size, model_config, cfg.model.attn_implementation)
     sp.check_ds_config(ds_raw, cfg.train.sequence_parallel_size, cfg.train.deepspeed)
     tiled_mlp.check(cfg.model.mlp_tiles)
+    activation_offload.check(cfg.model.activation_offload)
     mixture.check_paths(cfg)
     check_launch_env()  # before init_distributed fills in a world of one
     check_build_locks()  # a stale JIT-build lock would make the first DeepSpeed op wait forever
@@ -146,7 +148,12 @@ def setup(cfg: Config) -> TrainingRun:
                       label_counts=train_rows["n_labels"], flatten=flat_batches(model),
                       host_label_positions=chunked_loss_installed(model),
                       flop_model=flops.flop_model(model), peak_tflops=peak_tflops(cfg),
+                      offload=activation_offload.install(model) if cfg.model.activation_offload
+                      else contextlib.nullcontext(),
                       run_id=(state or {}).get("run_id") or uuid.uuid4().hex)
+    if cfg.model.activation_offload and not activation_offload.offloads_here():
+        log.info("model.activation_offload: this accelerator has no device memory to offload from; "
+                 "the layer inputs stay where they are")
     split = f" ({layout.dp_world} data-parallel x {layout.size} sequence-parallel)" if layout.size > 1 else ""
     log.info(f"{world} rank(s){split}, {steps_per_epoch} steps/epoch, {total} steps, global batch "
              f"{checkpoint.global_batch(cfg, world)} sequences")
@@ -245,16 +252,17 @@ def train_step(run: TrainingRun) -> tuple[torch.Tensor, StepBatch, bool]:
     per_micro = max(sb.global_labels, 1) / (div * gas)
     loss_share = torch.zeros((), dtype=torch.float32, device=eng.device)
     nonfinite = torch.zeros((), dtype=torch.float32, device=eng.device)
-    for k, b in enumerate(sb.batches):
-        loss = eng(**model_inputs(run, b), num_items_in_batch=per_micro).loss
-        loss = faults.maybe_poison_loss(loss, run.step + 1, k + 1)
-        nonfinite += (~torch.isfinite(loss.detach())).float()
-        # A non-finite micro-batch still goes through backward (its gradients are dropped with the
-        # whole step below), so that every rank runs the same collectives whatever its data.
-        eng.backward(loss)
-        loss_share += loss.detach().float() / (gas * div)
-        if k < gas - 1:
-            eng.step()  # not a boundary: DeepSpeed only counts the micro-step
+    with run.offload:  # checkpointed layer inputs to host and back; its exit drains the copies
+        for k, b in enumerate(sb.batches):
+            loss = eng(**model_inputs(run, b), num_items_in_batch=per_micro).loss
+            loss = faults.maybe_poison_loss(loss, run.step + 1, k + 1)
+            nonfinite += (~torch.isfinite(loss.detach())).float()
+            # A non-finite micro-batch still goes through backward (its gradients are dropped with the
+            # whole step below), so that every rank runs the same collectives whatever its data.
+            eng.backward(loss)
+            loss_share += loss.detach().float() / (gas * div)
+            if k < gas - 1:
+                eng.step()  # not a boundary: DeepSpeed only counts the micro-step
     flags = torch.stack([nonfinite, torch.tensor(float(run.stop_signal.is_set()), device=eng.device)])
     dist.all_reduce(flags)
     n_nonfinite, stop = flags.tolist()

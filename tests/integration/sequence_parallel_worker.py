@@ -7,7 +7,12 @@ The gradient is read at the accumulation boundary, after DeepSpeed's reduction a
 step (``safe_get_full_grad``: the full, reduced gradient under ZeRO-0/1/2/3, a collective under
 ZeRO-3); rank 0 writes ``step{k}.{name}`` for every adapter parameter, ``loss`` (per step), and
 ``eval`` (the eval loss and token count before training), ``counts``, summed over ranks and steps: tokens and attention pairs the metrics count, micro-batches
-whose length SP does not divide, and micro-batches whose slice on some rank holds no label.
+whose length SP does not divide, and micro-batches whose slice on some rank holds no label; and
+``offload``, summed over ranks and steps: the layer inputs model.activation_offload moved to host,
+brought back, kept on the device, and skipped.
+
+With ``--emulate-offload-device`` DeepSpeed's offload engine moves the layer inputs on this CPU
+accelerator as it does on a GPU (allora_ds/_testing/offload.py).
 """
 
 import sys
@@ -50,6 +55,7 @@ def main(config, out, overrides):
 
     sequence_parallel.shard = shard_counting_padding
     losses, tokens, pairs, unlabelled = [], 0, 0, 0
+    moved = torch.zeros(4, dtype=torch.float64)  # offloaded, restored, kept on the device, skipped
     with run.teardown:
         initial_eval = evaluate(run)
         for _ in range(STEPS):
@@ -59,11 +65,17 @@ def main(config, out, overrides):
             losses.append(share.item())
             tokens, pairs = tokens + sb.tokens, pairs + sb.causal_pairs
             unlabelled += sum(int((b["labels"] == IGNORE).all()) for b in sb.batches)
+            if hasattr(run.offload, "stats"):  # the counts of this step (the context resets them on entry)
+                st = run.offload.stats
+                moved += torch.tensor([st.offloaded_tensors, st.restored_tensors, st.kept_last_tensors,
+                                       st.skipped_marked_tensors], dtype=torch.float64)
             run.step += 1
     counts = all_reduce_sum([tokens, pairs, padded[0], unlabelled], eng.device)
+    moved = all_reduce_sum(moved.tolist(), eng.device)
     if run.rank == 0:
         save_file({**{k: v.contiguous() for k, v in grads.items()}, "loss": torch.tensor(losses, dtype=torch.float64),
                    "counts": torch.tensor(counts, dtype=torch.float64),
+                   "offload": torch.tensor(moved, dtype=torch.float64),
                    "eval": torch.tensor([initial_eval["eval_loss"], initial_eval["eval_tokens"]], dtype=torch.float64)},
                   out)
     leave_process_group()
@@ -73,4 +85,9 @@ if __name__ == "__main__":
     from allora_ds.errors import cli  # each rank ends through errors._exit, never in gloo's teardown abort
 
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    if "--emulate-offload-device" in args:
+        args.remove("--emulate-offload-device")
+        from allora_ds._testing import offload
+
+        offload.emulate_device()
     cli(main)(args[0], args[1], args[2:])

@@ -60,6 +60,8 @@ def _cases(tmp: Path, model: Path):
          r"model.attn_implementation=eager: sequence parallelism wraps sdpa"),
         ("sp-packed-sdpa", None, ["train.sequence_parallel_size=2", "data.packing=greedy"],
          r"data.packing: packed rows with train.sequence_parallel_size > 1 need model.attn_implementation flash"),
+        ("offload-without-checkpointing", None, ["model.activation_offload=true"],
+         r"override: model.activation_offload: needs model.gradient_checkpointing=true"),
         *_data_cases(tmp, model),
     ]
 
@@ -115,7 +117,8 @@ CASES = ["malformed-jsonl-line", "missing-field", "empty-dataset", "missing-data
          "missing-ds-config", "invalid-ds-json", "ds-config-conflict", "ds-config-scheduler", "adapter-rank",
          "target-matches-nothing", "resume-missing", "resume-incomplete", "chat-image-part", "chat-null-content",
          "chat-unknown-role", "mixture-missing-source", "mixture-bad-row", "tokenized-mismatch", "unknown-tracker",
-         "sp-not-dividing-world", "sp-heads", "sp-eager", "sp-packed-sdpa"]
+         "sp-not-dividing-world", "sp-heads", "sp-eager", "sp-packed-sdpa",
+         "offload-without-checkpointing"]
 
 
 @pytest.mark.parametrize("name", CASES)
