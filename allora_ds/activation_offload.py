@@ -26,7 +26,6 @@ after the first.
 
 from __future__ import annotations
 
-import contextlib
 
 from allora_ds.errors import UserError
 
