@@ -26,7 +26,6 @@ after the first.
 
 from __future__ import annotations
 
-
 from allora_ds.errors import UserError
 
 # DeepSpeed's default stash: how many offloaded inputs keep their device copy until their

@@ -28,6 +28,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from allora_ds import activation_offload
 from allora_ds.ds_config import fill_ds_config, read_ds_config
 from allora_ds.errors import UserError, cli
 from allora_ds.zero_comm import (
@@ -58,6 +59,7 @@ class Cluster:
     inter_bw: float = 25.0  # GB/s bus bandwidth per GPU of a collective across nodes (NIC)
     gpu_tflops: float = 989.0  # dense bf16 peak (H100/H200 SXM)
     mfu: float = 0.4
+    host_mem_gb: float = 2048.0  # host memory per node (DGX H100/H200: 2 TB), for offload
 
     @property
     def world(self) -> int:
@@ -73,6 +75,7 @@ class Workload:
     targets: tuple = TARGETS
     sequence_parallel: int = 1  # GPUs sharing each sequence (train.sequence_parallel_size)
     mlp_tiles: int = 1  # model.mlp_tiles
+    activation_offload: bool = False  # model.activation_offload (with checkpointing)
 
     @property
     def tokens(self) -> int:
@@ -145,18 +148,36 @@ def memory(layout: str, s: Shape, ds: dict, c: Cluster, w: Workload) -> dict:
     buffers = 4.5 * z.get("reduce_bucket_size", s.hidden ** 2) * 4
     tokens = w.tokens
     per_layer = activation_bytes_per_token_layer(s, w.mlp_tiles) * tokens
+    # with checkpointing the layer inputs stay, one layer is recomputed; activation offload keeps
+    # the newest input and those whose copy to host is in flight (activation_offload.py)
+    inputs_on_gpu, inputs_on_host = activation_inputs(s, w)
     parts = {**states, "gradients": grads, "working": working, "buffers": buffers,
-             "activations_ckpt": s.layers * 2 * s.hidden * tokens + per_layer,  # layer inputs + one recomputed
+             "activations_ckpt": inputs_on_gpu * 2 * s.hidden * tokens + per_layer,
              "activations_no_ckpt": s.layers * per_layer,
              "loss_path": loss_path_bytes(s, tokens), "context": CUDA_CONTEXT}
     # offload: pinned host memory per node, the node's share of the base, adapters and optimizer
     host = (2 * s.frozen_numel() + 18 * adapters) / c.nodes if offload else 0.0
-    return {k: v / GB for k, v in parts.items()} | {"host_per_node": host / GB}
+    # activation offload (with checkpointing): every GPU's offloaded layer inputs, pinned
+    host_act = inputs_on_host * 2 * s.hidden * tokens * c.gpus_per_node
+    return {k: v / GB for k, v in parts.items()} | {"host_per_node": host / GB, "host_activations_per_node": host_act / GB}
+
+
+def activation_inputs(s: Shape, w: Workload) -> tuple[int, int]:
+    """Checkpointed layer inputs held on the GPU and in host memory per micro-batch."""
+    if not w.activation_offload:
+        return s.layers, 0
+    on_host = max(s.layers - activation_offload.KEEP_LAST, 0)
+    return min(s.layers, activation_offload.KEEP_LAST + activation_offload.FORWARD_STASH), on_host
 
 
 def total_memory(mem: dict, checkpointing: bool) -> float:
     act = mem["activations_ckpt" if checkpointing else "activations_no_ckpt"]
     return sum(v for k, v in mem.items() if not k.startswith(("activations", "host"))) + act
+
+
+def host_memory(mem: dict, checkpointing: bool) -> float:
+    """GB of pinned host memory per node: ZeRO offload, and activation offload (which needs checkpointing)."""
+    return mem["host_per_node"] + (mem["host_activations_per_node"] if checkpointing else 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +204,9 @@ def traffic(layout: str, s: Shape, ds: dict, c: Cluster, w: Workload, checkpoint
         # every gather first copies this rank's shard to the GPU; gradients and updated adapters cross back
         gathered = sum(v for k, v in buf.items() if k.startswith("all_gather"))
         out["pcie_gb"] = (gathered / c.world + 4 * s.adapter_numel(w.rank, w.targets) * w.grad_accum / c.world) / GB
+    if w.activation_offload and checkpointing:  # each offloaded layer input to host in forward, back in backward
+        moved = 2 * activation_inputs(s, w)[1] * 2 * s.hidden * w.tokens * w.grad_accum
+        out["pcie_gb"] = out.get("pcie_gb", 0.0) + moved / GB
     return out
 
 
@@ -215,14 +239,14 @@ def step_flops(s: Shape, w: Workload, checkpointing: bool) -> float:
 
 def estimate(layout: str, s: Shape, c: Cluster, w: Workload, checkpointing: bool, ds: dict) -> dict:
     mem = memory(layout, s, ds, c, w)
-    total = total_memory(mem, checkpointing)
+    total, host = total_memory(mem, checkpointing), host_memory(mem, checkpointing)
     t = traffic(layout, s, ds, c, w, checkpointing)
     compute_s = step_flops(s, w, checkpointing) / (c.gpu_tflops * 1e12 * c.mfu)
     comm_s = t["intra_gb"] / c.intra_bw + t["inter_gb"] / c.inter_bw + t.get("pcie_gb", 0.0) / PCIE_BW
     # an SP group within a node uses NVLink; one spanning nodes waits on the slowest link
     sp_s = t["sp_gb"] / (c.intra_bw if w.sequence_parallel <= c.gpus_per_node else c.inter_bw)
     return {"layout": layout, "what": LAYOUTS[layout][1], "checkpointing": checkpointing, "memory_gb": mem,
-            "total_gb": total, "fits": total <= c.gpu_mem_gb, "traffic": t, "compute_s": compute_s,
+            "total_gb": total, "host_gb": host, "fits": total <= c.gpu_mem_gb and host <= c.host_mem_gb, "traffic": t, "compute_s": compute_s,
             "comm_s": comm_s, "sp_comm_s": sp_s, "step_s": max(compute_s, comm_s) + sp_s,
             "bound": "communication" if comm_s > compute_s else "compute",
             "ds_config": LAYOUTS[layout][0], "zero_optimization": ds["zero_optimization"]}
@@ -284,8 +308,9 @@ def plan(s: Shape, c: Cluster, w: Workload, auto_sequence_parallel: bool = False
 def overrides(r: dict, w: Workload) -> list[str]:
     sp = [f"train.sequence_parallel_size={w.sequence_parallel}"] if w.sequence_parallel > 1 else []
     tiles = [f"model.mlp_tiles={w.mlp_tiles}"] if w.mlp_tiles > 1 else []
+    offload = ["model.activation_offload=true"] if w.activation_offload and r["checkpointing"] else []
     return [f"train.deepspeed={r['ds_config']}", f"model.gradient_checkpointing={str(r['checkpointing']).lower()}", *sp,
-            *tiles]
+            *tiles, *offload]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +354,10 @@ def parse_args(argv):
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--rank", type=int, default=16, help="adapter rank (default 16)")
     p.add_argument("--mlp-tiles", type=int, default=1, help="model.mlp_tiles: slices each MLP runs over (default 1)")
+    p.add_argument("--activation-offload", action="store_true",
+                   help="model.activation_offload: checkpointed layer inputs in host memory (rows with checkpointing)")
+    p.add_argument("--host-mem", type=float, default=Cluster.host_mem_gb,
+                   help=f"GB of host memory per node, for offload (default {Cluster.host_mem_gb:g})")
     p.add_argument("--sequence-parallel", default="auto",
                    help="GPUs sharing each sequence (train.sequence_parallel_size); default auto: 1, or the "
                         "smallest size at which a layout fits")
@@ -345,7 +374,7 @@ def parse_args(argv):
     for flag in ("nodes", "gpus_per_node", "seq_len", "micro_batch", "grad_accum", "rank", "mlp_tiles"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
-    for flag in ("gpu_mem", "intra_bw", "inter_bw", "gpu_tflops"):
+    for flag in ("gpu_mem", "intra_bw", "inter_bw", "gpu_tflops", "host_mem"):
         if not getattr(args, flag) > 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if not 0 < args.mfu <= 1:
@@ -387,6 +416,10 @@ def render(res: dict) -> str:
     if any(r["memory_gb"]["host_per_node"] for r in res["candidates"]):
         host = next(r["memory_gb"]["host_per_node"] for r in res["candidates"] if r["memory_gb"]["host_per_node"])
         lines.append(f"(offload keeps {host:.0f} GB in pinned host memory per node)")
+    if w["activation_offload"]:
+        host = res["candidates"][0]["memory_gb"]["host_activations_per_node"]
+        lines.append(f"(activation offload, with checkpointing: {host:.0f} GB of layer inputs in pinned host memory per "
+                     f"node, of {c['host_mem_gb']:g}; their copies are in 'comm s')")
     best = res["recommended"]
     lines.append("")
     if best is None:
@@ -441,11 +474,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     shape = resolve_shape(args.model)
     cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_mem, args.intra_bw, args.inter_bw, args.gpu_tflops,
-                      args.mfu)
+                      args.mfu, args.host_mem)
     auto = args.sequence_parallel == "auto"
     sp = 1 if auto else _sequence_parallel(args.sequence_parallel, shape, cluster)
     workload = Workload(args.seq_len, args.micro_batch, args.grad_accum, args.rank, sequence_parallel=sp,
-                        mlp_tiles=args.mlp_tiles)
+                        mlp_tiles=args.mlp_tiles, activation_offload=args.activation_offload)
     res = plan(shape, cluster, workload, auto_sequence_parallel=auto)
     print(json.dumps(res, indent=2, default=float) if args.json else markdown(res) if args.markdown else render(res))
 

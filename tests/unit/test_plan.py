@@ -219,3 +219,23 @@ def test_mlp_tiles_shrink_the_layer_being_recomputed_and_cost_an_mlp_forward():
         tokens * mlp * (1 - 1 / 8))
     assert b["compute_s"] > a["compute_s"]
     assert plan(s, c, Workload(131072, 1, sequence_parallel=4, mlp_tiles=8))["overrides"][-1] == "model.mlp_tiles=8"
+
+
+def test_activation_offload_moves_the_layer_inputs_to_host_memory_and_over_pcie():
+    """128k tokens of 8B on one GPU each (SP=1): 32 layer inputs of 1 GiB; offload keeps 3 on the
+    GPU (the newest, two in flight) and 31 per GPU in host memory, copied out and back every step."""
+    s, c = SHAPES["llama3-8b"], Cluster(1, 8, 80.0)
+    w, wo = Workload(131072, 1, grad_accum=2), Workload(131072, 1, grad_accum=2, activation_offload=True)
+    pick = lambda w, ckpt: next(r for r in plan(s, c, w)["candidates"]  # noqa: E731
+                                if r["layout"] == "zero2" and r["checkpointing"] == ckpt)
+    layer_input = 2 * s.hidden * 131072
+    a, b = pick(w, True), pick(wo, True)
+    assert (a["total_gb"] - b["total_gb"]) * 1e9 == pytest.approx((s.layers - 3) * layer_input)
+    assert a["total_gb"] > 0.9 * 80 and b["total_gb"] < 0.6 * 80
+    assert b["host_gb"] * 1e9 == pytest.approx((s.layers - 1) * layer_input * 8)
+    assert (b["traffic"]["pcie_gb"] - a["traffic"].get("pcie_gb", 0)) * 1e9 == pytest.approx(2 * 31 * layer_input * 2)
+    assert pick(wo, False)["host_gb"] == 0 and pick(wo, False)["total_gb"] == pick(w, False)["total_gb"]
+    assert plan(s, c, wo)["overrides"][-1] == "model.activation_offload=true"
+    small_host = plan(s, Cluster(1, 8, 80.0, host_mem_gb=200.0), wo)  # 266 GB of inputs do not fit in 200
+    assert not any(r["fits"] for r in small_host["candidates"] if r["checkpointing"] and r["host_gb"] > 200)
+    assert "model.activation_offload=true" not in (plan(s, c, Workload(2048, 1, activation_offload=True))["overrides"])
