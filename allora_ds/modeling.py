@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from allora_ds import log, tiled_mlp
@@ -99,9 +100,12 @@ def load_model(cfg: Config, ds_config: dict, verbose: bool = True, architecture=
     keepalive = HfDeepSpeedConfig(ds_config) if zero3 else None
     kwargs = base_load_kwargs(mc, zero3)
     try:
-        if architecture is not None:
-            model = AutoModelForCausalLM.from_config(architecture, dtype=kwargs["dtype"],
-                                                     attn_implementation=mc.attn_implementation)
+        if architecture is not None:  # created where from_pretrained puts the weights (zero.Init: its partitions)
+            import torch
+
+            with torch.device(kwargs["device_map"][""]) if "device_map" in kwargs else contextlib.nullcontext():
+                model = AutoModelForCausalLM.from_config(architecture, dtype=kwargs["dtype"],
+                                                         attn_implementation=mc.attn_implementation)
         else:
             model = AutoModelForCausalLM.from_pretrained(_source(mc.path, "model.path"), **kwargs)
     except ImportError as e:  # e.g. flash_attention_2 without the flash-attn package

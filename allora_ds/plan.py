@@ -246,7 +246,8 @@ def estimate(layout: str, s: Shape, c: Cluster, w: Workload, checkpointing: bool
     # an SP group within a node uses NVLink; one spanning nodes waits on the slowest link
     sp_s = t["sp_gb"] / (c.intra_bw if w.sequence_parallel <= c.gpus_per_node else c.inter_bw)
     return {"layout": layout, "what": LAYOUTS[layout][1], "checkpointing": checkpointing, "memory_gb": mem,
-            "total_gb": total, "host_gb": host, "fits": total <= c.gpu_mem_gb and host <= c.host_mem_gb, "traffic": t, "compute_s": compute_s,
+            "total_gb": total, "host_gb": host, "fits": total <= c.gpu_mem_gb and host <= c.host_mem_gb,
+            "traffic": t, "compute_s": compute_s,
             "comm_s": comm_s, "sp_comm_s": sp_s, "step_s": max(compute_s, comm_s) + sp_s,
             "bound": "communication" if comm_s > compute_s else "compute",
             "ds_config": LAYOUTS[layout][0], "zero_optimization": ds["zero_optimization"]}

@@ -14,10 +14,13 @@
 #      (the 8B default) with a skipped step, the host syncs per step on ZeRO-3 and ZeRO-2;
 #   3. bench/gpu.py on the Llama-3-8B shape: allora vs lora, seq 2048, and 2048-token rows packing
 #      256-token examples; HF Trainer + PEFT on the same shape, rows and DeepSpeed JSON;
-#   4. writes $GPU_CHECK_OUT/gpu_check.json (default bench/results/): machine, each test's outcome,
-#      step time, tokens/s, MFU and peak memory per method and workload.
+#   4. bench/gpu_long.py: the longest sequence the GPU trains for the Llama-3-8B shape with
+#      checkpointing, tiled MLP and activation offload (one step per length from 16k, doubling,
+#      within $LONG_BUDGET_S seconds, default 240), its tokens/s and peak memory beside allora-plan's;
+#   5. writes $GPU_CHECK_OUT/gpu_check.json (default bench/results/): machine, each test's outcome,
+#      step time, tokens/s, MFU and peak memory per method and workload, the long-sequence result.
 # Environment: PYTHON (default python3), GPU_WHEELS, GPU_CHECK_OUT (or OUT), STEPS (timed steps, 5),
-# QUICK=1 (the trainer tests only and 2 timed steps: under 3 minutes).
+# LONG_BUDGET_S, QUICK=1 (the trainer tests only and 2 timed steps, no long-sequence stage: under 3 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -60,10 +63,10 @@ if "$PY" -c 'import flash_attn' 2>/dev/null; then ATTN=flash_attention_2; fi
 # The JSON is rewritten after every stage, so a run cut short (a timeout on a lent GPU) still
 # returns what ran: tests_rc/bench_rc are null for a stage that has not finished.
 report() {
-  "$PY" - "$OUT_DIR" "$1" "$2" "$(( $(date +%s) - T0 ))" <<'PY'
+  "$PY" - "$OUT_DIR" "$1" "$2" "${3:-null}" "$(( $(date +%s) - T0 ))" <<'PY'
 import json, subprocess, sys, xml.etree.ElementTree as ET
 from pathlib import Path
-out, tests_rc, bench_rc, wall = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+out, tests_rc, bench_rc, long_rc, wall = Path(sys.argv[1]), *map(json.loads, sys.argv[2:5]), int(sys.argv[5])
 tests = []
 if (out / "gpu_tests.xml").is_file():
     for case in ET.parse(out / "gpu_tests.xml").getroot().iter("testcase"):
@@ -71,9 +74,14 @@ if (out / "gpu_tests.xml").is_file():
         tests.append({"test": f"{case.get('classname')}::{case.get('name')}", "outcome": outcome,
                       "seconds": float(case.get("time", 0))})
 bench = json.loads((out / "gpu_bench.json").read_text()) if (out / "gpu_bench.json").is_file() else None
+long = json.loads((out / "gpu_long.json").read_text()) if (out / "gpu_long.json").is_file() else None
 smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
                      capture_output=True, text=True).stdout.strip()
-report = {"gpu": smi, "tests_rc": tests_rc, "bench_rc": bench_rc, "wall_s": wall, "tests": tests,
+report = {"gpu": smi, "tests_rc": tests_rc, "bench_rc": bench_rc, "long_rc": long_rc, "wall_s": wall, "tests": tests,
+          "long": None if long is None else {k: long[k] for k in (
+              "longest_seq_len", "stopped", "mlp_tiles", "offload_saves_gb", "offload_saves_gb_planned")} | {
+              "results": [{k: r[k] for k in ("seq_len", "step_s", "tokens_per_s", "mfu", "peak_gb", "offloaded_gb")}
+                          | {"planned_gb": r["planned"]["allocator_gb"]} for r in long["results"]]},
           "bench": None if bench is None else {
               "machine": bench["machine"], "attn": bench["attn"], "allora_time_over_lora": bench["allora_time_over_lora"],
               "tokens_per_s_over_hf": bench.get("tokens_per_s_over_hf"), "peak_mem_over_hf": bench.get("peak_mem_over_hf"),
@@ -82,11 +90,13 @@ report = {"gpu": smi, "tests_rc": tests_rc, "bench_rc": bench_rc, "wall_s": wall
 (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
 bad = [t["test"] for t in tests if t["outcome"] in ("failure", "error")]
 print(f"gpu-check: {len(tests)} tests, {len(bad)} failed{': ' + ', '.join(bad) if bad else ''}; "
-      f"bench {'not run yet' if bench_rc is None else 'ok' if bench_rc == 0 else 'FAILED'}; {wall} s; wrote {out / 'gpu_check.json'}")
+      f"bench {'not run yet' if bench_rc is None else 'ok' if bench_rc == 0 else 'FAILED'}; "
+      f"long sequence {'not run' if long_rc is None else 'FAILED' if long_rc else str(long['longest_seq_len']) + ' tokens'}; "
+      f"{wall} s; wrote {out / 'gpu_check.json'}")
 PY
 }
 QUICK=${QUICK:-0}  # QUICK=1 (make gpu-check QUICK=1): the trainer tests and 2 timed steps, under 3 minutes
-rm -f "$OUT_DIR/gpu_tests.xml" "$OUT_DIR/gpu_bench.json"
+rm -f "$OUT_DIR/gpu_tests.xml" "$OUT_DIR/gpu_bench.json" "$OUT_DIR/gpu_long.json"
 say "GPU tests"
 tests_rc=0
 sel=(tests/gpu tests/unit/test_adapter_gradients.py)
@@ -98,4 +108,10 @@ bench_rc=0
 steps=${STEPS:-5}; [[ $QUICK == 1 ]] && steps=2
 "$PY" bench/gpu.py --attn "$ATTN" --warmup 2 --steps "$steps" --out "$OUT_DIR/gpu_bench.json" || bench_rc=$?
 report "$tests_rc" "$bench_rc"
-exit $(( tests_rc || bench_rc ))
+long_rc=0
+if [[ $QUICK != 1 ]]; then
+  say "bench/gpu_long.py (longest sequence, Llama-3-8B shape, $ATTN)"
+  "$PY" bench/gpu_long.py --attn "$ATTN" --budget-s "${LONG_BUDGET_S:-240}" --out "$OUT_DIR/gpu_long.json" || long_rc=$?
+  report "$tests_rc" "$bench_rc" "$long_rc"
+fi
+exit $(( tests_rc || bench_rc || long_rc ))

@@ -94,6 +94,24 @@ def test_gpu_bench_code_path_runs_on_cpu(gpu_tiny):
     assert stdout.rstrip().splitlines()[-1].startswith("allora / lora step time")
 
 
+def test_gpu_long_bench_code_path_runs_on_cpu(tmp_path):
+    """bench/gpu_long.py --tiny-cpu: every length trains with every layer input but the newest
+    offloaded (the engine copying for real), as many bytes as allora-plan pins; a budget stops it."""
+    out = tmp_path / "long.json"
+    proc = run([sys.executable, REPO / "bench" / "gpu_long.py", "--tiny-cpu", "--out", out], timeout=600)
+    res = json.loads(out.read_text())
+    assert [r["seq_len"] for r in res["results"]] == [64, 128, 256] and res["stopped"] == "max"
+    layers = res["shape"]["num_hidden_layers"]
+    for r in res["results"]:
+        assert r["applied"] and math.isfinite(r["loss"]) and _positive(r["tokens_per_s"]), r
+        assert r["offloaded_inputs"] == layers - 1, r
+        assert r["offloaded_gb"] == pytest.approx(r["planned"]["host_gb"]), r
+    assert res["without_offload_at_start"]["offloaded_inputs"] == 0
+    assert proc.stdout.rstrip().splitlines()[-1] == "longest: 256 tokens; stopped: max"
+    cut = run([sys.executable, REPO / "bench" / "gpu_long.py", "--tiny-cpu", "--budget-s", "0.01"], timeout=600)
+    assert "stopped: budget" in cut.stdout.rstrip().splitlines()[-1]
+
+
 @pytest.fixture(scope="module")
 def throughput_alpaca(tmp_path_factory):
     """The --alpaca path on a tiny model: allora_ds (packing, chunked loss) and HF with flattening.
