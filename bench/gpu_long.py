@@ -47,10 +47,10 @@ def host_memory_bytes() -> int:
 def planned(seq_len: int, tiles: int, shape: dict) -> dict:
     """allora-plan's memory for this run: one GPU, ZeRO-2, checkpointing, tiles, offload."""
     from allora_ds import plan
-    from allora_ds.zero_comm import Shape
+    from allora_ds.zero_comm import shape_from_config
+    from bench.gpu import llama_config
 
-    s = Shape(shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"],
-              shape["num_attention_heads"], shape["num_key_value_heads"], shape["head_dim"], shape["vocab_size"])
+    s = shape_from_config(llama_config(shape))
     c, w = plan.Cluster(1, 1), plan.Workload(seq_len, 1, mlp_tiles=tiles, activation_offload=True)
     mem = plan.memory("zero2", s, plan.filled_config("zero2", s, c, w), c, w)
     inputs = plan.activation_inputs(s, w)
