@@ -560,12 +560,13 @@ def _continue_schedule(sched, cfg: Config, plan: Continuation) -> None:
 
 
 def trainer_state(cfg: Config, step: int, run_id: str, steps_per_epoch: int, skipped_steps: int, world: int,
-                  schedule_batch: int = 0) -> dict:
+                  schedule_batch: int = 0, tracker_runs: dict | None = None) -> dict:
     """What a checkpoint records besides the weights (trainer_state.json): progress, run, config,
     adapters, and what a run with another global batch needs to continue (``plan_continuation``);
-    ``save`` adds the engine's layout and schedule position."""
+    ``save`` adds the engine's layout and schedule position. ``tracker_runs``: each tracker's own
+    run id (trackers.py), so that a resume continues the same tracker runs."""
     batch = global_batch(cfg, world)
-    return {"step": step, "run_id": run_id, "epoch": step / steps_per_epoch, "skipped_steps": skipped_steps,
+    return {"step": step, "run_id": run_id, "tracker_runs": tracker_runs or {}, "epoch": step / steps_per_epoch, "skipped_steps": skipped_steps,
             "world_size": world, "global_batch": batch, "steps_per_epoch": steps_per_epoch,
             "schedule_batch": schedule_batch or batch, "config": cfg.to_dict(), "adapter": cfg.adapter.checkpoint_record()}
 

@@ -17,12 +17,18 @@ from allora_ds.trackers import Trackers
 class MetricsLog:
     """metrics.jsonl and the trackers of ``train.report_to`` (trackers.py), on rank 0 only."""
 
-    def __init__(self, out: Path, enabled: bool, cfg: Config | None = None, run_id: str = ""):
+    def __init__(self, out: Path, enabled: bool, cfg: Config | None = None, run_id: str = "",
+                 tracker_runs: dict | None = None):
+        """``tracker_runs``: the trainer state's tracker run ids, for a resumed run to continue them."""
         self.enabled, self.trackers = enabled, None
         if enabled:
             self.f = open(out / "metrics.jsonl", "a", encoding="utf-8")
             names = cfg.train.report_to if cfg is not None else ["tensorboard"]
-            self.trackers = Trackers(names, out, cfg.to_dict() if cfg is not None else {}, run_id)
+            self.trackers = Trackers(names, out, cfg.to_dict() if cfg is not None else {}, run_id, tracker_runs)
+
+    def tracker_runs(self) -> dict[str, str]:
+        """The started trackers' run ids (rank 0; empty elsewhere), kept in the trainer state."""
+        return self.trackers.run_ids() if self.enabled else {}
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -42,7 +42,9 @@ def flat_params(d: dict, prefix: str = "") -> dict[str, str]:
 class TensorBoard:
     name = "tensorboard"
 
-    def __init__(self, out: Path, config: dict, run_id: str):
+    run_id = None  # event files under OUTPUT_DIR/tensorboard: nothing to find again
+
+    def __init__(self, out: Path, config: dict, run_id: str, resume_id: str | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.w = SummaryWriter(str(out / "tensorboard"))
@@ -58,15 +60,16 @@ class TensorBoard:
 class WandB:
     name = "wandb"
 
-    def __init__(self, out: Path, config: dict, run_id: str):
+    def __init__(self, out: Path, config: dict, run_id: str, resume_id: str | None = None):
         import wandb
 
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "allora_ds"), name=out.name, id=run_id,
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "allora_ds"), name=out.name, id=resume_id or run_id,
                               resume="allow", config=config, dir=os.environ.get("WANDB_DIR", str(out)),
                               settings=wandb.Settings(console="off", silent=True))
         # Steps of the first attempt after its last checkpoint come again after a resume: an x-axis
         # of our own instead of W&B's strictly increasing internal step.
         self.run.define_metric("*", step_metric="step")
+        self.run_id = self.run.id
 
     def log(self, record: dict) -> None:
         self.run.log({**scalars(record), "step": record["step"]})
@@ -78,7 +81,7 @@ class WandB:
 class MLflow:
     name = "mlflow"
 
-    def __init__(self, out: Path, config: dict, run_id: str):
+    def __init__(self, out: Path, config: dict, run_id: str, resume_id: str | None = None):
         # A tracking server that is down must not hold the run for minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
@@ -89,7 +92,8 @@ class MLflow:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "allora_ds")
         exp = c.get_experiment_by_name(name)
         exp_id = exp.experiment_id if exp else c.create_experiment(name)
-        found = c.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{run_id}'", max_results=1)
+        found = self._stored(resume_id) or c.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{run_id}'",
+                                                         max_results=1)
         if found:
             self.run_id = found[0].info.run_id
             c.update_run(self.run_id, status="RUNNING")
@@ -99,6 +103,18 @@ class MLflow:
             params = [Param(k, v[:6000]) for k, v in flat_params(config).items()]
             for i in range(0, len(params), 100):
                 c.log_batch(self.run_id, params=params[i:i + 100])
+
+    def _stored(self, resume_id: str | None) -> list:
+        """The run of the trainer state's MLflow id, if this server has it (a deleted run is not resumed)."""
+        from mlflow.exceptions import MlflowException
+
+        if not resume_id:
+            return []
+        try:
+            found = self.client.get_run(resume_id)
+        except MlflowException:  # another server, or the run is gone: look for it by tag
+            return []
+        return [found] if found.info.lifecycle_stage == "active" else []
 
     def log(self, record: dict) -> None:
         from mlflow.entities import Metric
@@ -116,11 +132,11 @@ CLASSES = {c.name: c for c in (TensorBoard, WandB, MLflow)}
 class Trackers:
     """The trackers of ``train.report_to`` that could be started; each failure is one warning."""
 
-    def __init__(self, names: list[str], out: Path, config: dict, run_id: str):
+    def __init__(self, names: list[str], out: Path, config: dict, run_id: str, resume: dict | None = None):
         self.active = []
         for name in names:
             try:
-                self.active.append(CLASSES[name](out, config, run_id))
+                self.active.append(CLASSES[name](out, config, run_id, (resume or {}).get(name)))
             except ImportError:
                 if name != "tensorboard":  # the default: used when installed, silently skipped otherwise
                     self._warn(name, f"is not installed (pip install 'allora-ds[{name}]')")
@@ -139,6 +155,10 @@ class Trackers:
             except Exception as e:  # noqa: BLE001 - a tracker must never stop training
                 self.active.remove(t)
                 self._warn(t.name, f"failed ({type(e).__name__}: {_first_line(e)})")
+
+    def run_ids(self) -> dict[str, str]:
+        """Each started tracker's own run id, for the trainer state (``tracker_runs``)."""
+        return {t.name: t.run_id for t in self.active if t.run_id}
 
     def log(self, record: dict) -> None:
         self._each(lambda t: t.log(record))

@@ -78,6 +78,7 @@ class TrainingRun:
     flop_model: flops.FlopModel | None = None
     peak_tflops: float | None = None  # per device, for MFU; None: not reported
     run_id: str = ""  # names this run's checkpoints (kept across resumes); pruning touches no others
+    tracker_runs: dict = field(default_factory=dict)  # the trackers' own run ids (rank 0), kept across resumes
     step: int = 0
     skipped_steps: int = 0
     schedule_batch: int = 0  # sequences per step train.max_steps/warmup_steps count (checkpoint.Continuation); 0: ours
@@ -150,7 +151,8 @@ def setup(cfg: Config) -> TrainingRun:
                       flop_model=flops.flop_model(model), peak_tflops=peak_tflops(cfg),
                       offload=activation_offload.install(model) if cfg.model.activation_offload
                       else contextlib.nullcontext(),
-                      run_id=(state or {}).get("run_id") or uuid.uuid4().hex)
+                      run_id=(state or {}).get("run_id") or uuid.uuid4().hex,
+                      tracker_runs=(state or {}).get("tracker_runs") or {})
     if cfg.model.activation_offload and not activation_offload.offloads_here():
         log.info("model.activation_offload: this accelerator has no device memory to offload from; "
                  "the layer inputs stay where they are")
@@ -311,7 +313,7 @@ def evaluate(run: TrainingRun) -> dict:
 def save(run: TrainingRun) -> Path:
     tc = run.cfg.train
     state = checkpoint.trainer_state(run.cfg, run.step, run.run_id, run.rounds_per_epoch // tc.gradient_accumulation_steps,
-                                     run.skipped_steps, run.world, run.schedule_batch)
+                                     run.skipped_steps, run.world, run.schedule_batch, run.tracker_runs)
     return checkpoint.save(run.engine, run.out, run.step, state, tc.keep_last, run.rank)
 
 
@@ -398,7 +400,8 @@ def train(cfg: Config) -> dict:
     stop_signal = install_stop_handlers()
     run = setup(cfg)
     run.stop_signal = stop_signal
-    with run.teardown, MetricsLog(run.out, run.rank == 0, cfg, run.run_id) as metrics:
+    with run.teardown, MetricsLog(run.out, run.rank == 0, cfg, run.run_id, run.tracker_runs) as metrics:
+        run.tracker_runs = metrics.tracker_runs() or run.tracker_runs
         result = fit(run, metrics)
     # The last collective is behind us (fit ends with a checkpoint and its barrier). Leave the
     # process group before the export: rank 0 alone reads and writes the whole model (141 GB each

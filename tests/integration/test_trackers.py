@@ -105,10 +105,17 @@ def test_metrics_reach_wandb_and_mlflow_and_a_resume_continues_their_runs(tmp_pa
     with MetricsLog(tmp_path, True, cfg, "run0123") as m:
         for r in records[:2]:
             m.write(r)
-    with MetricsLog(tmp_path, True, cfg, "run0123") as m:  # the resumed run: same trainer-state run_id
+        ids = m.tracker_runs()  # what the trainer state keeps
+    c, run_ = _mlflow_run(mlflow_uri, "run0123")
+    assert ids == {"wandb": "run0123", "mlflow": run_.info.run_id}
+    # The resumed run: same trainer-state run_id and tracker ids, under another experiment name. The
+    # stored MLflow id finds the run wherever it is (a search by tag looks in one experiment only).
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "renamed")
+    with MetricsLog(tmp_path, True, cfg, "run0123", ids) as m:
         m.write({"kind": "train", "step": 2, "loss": 2.0, "lr": 0.002})  # logged again after the checkpoint
         m.write(records[2])
-    c, run_ = _mlflow_run(mlflow_uri, "run0123")
+        assert m.tracker_runs() == ids
+    assert c.search_runs([c.get_experiment_by_name("renamed").experiment_id]) == []
     assert [(h.step, h.value) for h in c.get_metric_history(run_.info.run_id, "train/loss")] == [(1, 2.5), (2, 2.0), (2, 2.0)]
     assert [(h.step, h.value) for h in c.get_metric_history(run_.info.run_id, "eval/eval_ppl")] == [(2, 6.7)]
     assert run_.data.params["train.lr"] == "0.003" and run_.data.params["data.train"] == "d.jsonl"
@@ -116,6 +123,19 @@ def test_metrics_reach_wandb_and_mlflow_and_a_resume_continues_their_runs(tmp_pa
     assert ids == {"run0123"} and configs[0]["train"]["lr"] == 0.003
     assert history[1]["train/loss"] == 2.5 and history[2]["eval/eval_loss"] == 1.9 and history[2]["train/lr"] == 0.002
     assert [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 2, 2]
+
+
+def test_a_stored_mlflow_id_the_server_does_not_have_falls_back_to_the_run_id_tag(tmp_path, mlflow_uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    cfg = load_config(None, ["model.path=x", "data.train=d.jsonl", "train.report_to=[mlflow]"])
+    with MetricsLog(tmp_path, True, cfg, "runtag") as m:
+        m.write({"kind": "train", "step": 1, "loss": 1.5})
+    with MetricsLog(tmp_path, True, cfg, "runtag", {"mlflow": "0" * 32}) as m:  # e.g. a state from another server
+        m.write({"kind": "train", "step": 2, "loss": 1.0})
+        ids = m.tracker_runs()
+    c, run_ = _mlflow_run(mlflow_uri, "runtag")
+    assert ids == {"mlflow": run_.info.run_id}
+    assert [h.step for h in c.get_metric_history(run_.info.run_id, "train/loss")] == [1, 2]
 
 
 def test_an_unreachable_tracker_is_one_warning_and_metrics_jsonl_goes_on(tmp_path, monkeypatch, capsys):
@@ -140,6 +160,7 @@ def test_two_rank_training_reports_from_rank_0_under_the_trainer_state_run_id(ti
     history, ids, _ = wandb_history(out)
     assert ids == {state["run_id"]}, "one W&B run (rank 0's), named by the trainer state's run_id"
     c, run_ = _mlflow_run(mlflow_uri, state["run_id"])
+    assert state["tracker_runs"] == {"wandb": state["run_id"], "mlflow": run_.info.run_id}
     losses = {h.step: h.value for h in c.get_metric_history(run_.info.run_id, "train/loss")}
     for rec in metrics:
         if rec["kind"] == "train":
