@@ -9,7 +9,8 @@ ZeRO-3); rank 0 writes ``step{k}.{name}`` for every adapter parameter, ``loss`` 
 ``eval`` (the eval loss and token count before training), ``counts``, summed over ranks and steps: tokens and attention pairs the metrics count, micro-batches
 whose length SP does not divide, and micro-batches whose slice on some rank holds no label; and
 ``offload``, summed over ranks and steps: the layer inputs model.activation_offload moved to host,
-brought back, kept on the device, and skipped.
+brought back, kept on the device, and skipped; ``secondary``: rank 0's parameters that have an hpZ
+secondary copy after the steps.
 
 With ``--emulate-offload-device`` DeepSpeed's offload engine moves the layer inputs on this CPU
 accelerator as it does on a GPU (allora_ds/_testing/offload.py).
@@ -70,12 +71,13 @@ def main(config, out, overrides):
                 moved += torch.tensor([st.offloaded_tensors, st.restored_tensors, st.kept_last_tensors,
                                        st.skipped_marked_tensors], dtype=torch.float64)
             run.step += 1
+    secondary = sum(getattr(p, "ds_secondary_tensor", None) is not None for p in eng.module.parameters())
     counts = all_reduce_sum([tokens, pairs, padded[0], unlabelled], eng.device)
     moved = all_reduce_sum(moved.tolist(), eng.device)
     if run.rank == 0:
         save_file({**{k: v.contiguous() for k, v in grads.items()}, "loss": torch.tensor(losses, dtype=torch.float64),
                    "counts": torch.tensor(counts, dtype=torch.float64),
-                   "offload": torch.tensor(moved, dtype=torch.float64),
+                   "offload": torch.tensor(moved, dtype=torch.float64), "secondary": torch.tensor(float(secondary)),
                    "eval": torch.tensor([initial_eval["eval_loss"], initial_eval["eval_tokens"]], dtype=torch.float64)},
                   out)
     leave_process_group()

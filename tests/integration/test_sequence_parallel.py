@@ -158,6 +158,26 @@ def test_activation_offload_gradients_equal(setups, tmp_path, zero2_fp32, nprocs
     assert offloaded == restored == micro * nprocs / 2, "not every input but the newest went to host and back"
 
 
+@pytest.mark.parametrize("layout, changes", [
+    ("zero3_hpz_bf16", {"zero_hpz_partition_size": 2}),  # hpZ's secondary copy over both ranks
+    ("zero3_offload_bf16", {}),  # optimizer and parameters in host memory, DeepSpeedCPUAdam
+])
+def test_sp2_with_offload_on_the_other_shipped_zero3_layouts(setups, tmp_path, layout, changes):
+    """The shipped hpZ and CPU-offload layouts (in fp32 here, to compare at fp32 tolerance) under
+    SP=2 with gradient checkpointing and activation offload: the gradients of plain ZeRO-3 on one
+    rank."""
+    config, ref = setups("zero3-allora")
+    ds = json.loads((REPO / "ds_configs" / f"{layout}.json").read_text())
+    ds["bf16"] = {"enabled": "auto"}
+    ds["zero_optimization"].update(changes)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    got = _worker(config, tmp_path / "layout.safetensors", 2, "--emulate-offload-device", f"train.deepspeed={tmp_path / 'ds.json'}",
+                  "train.sequence_parallel_size=2", "model.gradient_checkpointing=true", "model.activation_offload=true")
+    _assert_same(got, ref, layout)
+    assert got["offload"][0] > 0, "no layer input went to host"
+    assert (got["secondary"] > 0) == ("zero_hpz_partition_size" in changes), "hpZ's secondary copies"
+
+
 def test_sp2_run_resumes_bitwise_and_exports(tiny_model, tmp_path):
     """allora-train under SP=2: eval, checkpoints, a SIGKILL mid-run and a resume end bitwise equal
     to the uninterrupted run; the export is the one PEFT/transformers load (tested elsewhere)."""
