@@ -566,7 +566,8 @@ def trainer_state(cfg: Config, step: int, run_id: str, steps_per_epoch: int, ski
     ``save`` adds the engine's layout and schedule position. ``tracker_runs``: each tracker's own
     run id (trackers.py), so that a resume continues the same tracker runs."""
     batch = global_batch(cfg, world)
-    return {"step": step, "run_id": run_id, "tracker_runs": tracker_runs or {}, "epoch": step / steps_per_epoch, "skipped_steps": skipped_steps,
+    return {"step": step, "run_id": run_id, "tracker_runs": tracker_runs or {}, "epoch": step / steps_per_epoch,
+            "skipped_steps": skipped_steps,
             "world_size": world, "global_batch": batch, "steps_per_epoch": steps_per_epoch,
             "schedule_batch": schedule_batch or batch, "config": cfg.to_dict(), "adapter": cfg.adapter.checkpoint_record()}
 

@@ -87,14 +87,31 @@ class Workload:
 # memory
 
 
-def activation_bytes_per_token_layer(s: Shape, mlp_tiles: int = 1) -> float:
-    """bf16 tensors autograd keeps for backward, per token and decoder layer, with flash/sdpa
-    attention (no seq^2 term): both norms' inputs and outputs, q/k/v and the rotated q/k, the
-    attention output, the MLP's gate, up, activation and product (the frozen weights need no
-    inputs saved, the adapters reuse them); the adapters' r-wide intermediates are negligible.
-    A tiled MLP (model.mlp_tiles) holds its four [tokens, intermediate] tensors for one tile."""
-    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    return 2 * (4 * s.hidden + (q + 2 * kv) + (q + kv) + q + 4 * s.intermediate / mlp_tiles)
+def activation_bytes_per_token_layer(s: Shape, w: Workload) -> float:
+    """Bytes autograd keeps for backward per token of this GPU's slice and decoder layer, for a
+    bf16 model with flash attention or sdpa without a mask (what long rows and packed rows run),
+    counted storage by storage on a real layer (tests/unit/test_plan.py):
+
+    * each RMSNorm's fp32 upcast of its input and its fp32 1/rms (transformers computes the norm
+      in fp32), and its bf16 output where an adapter of the projections it feeds needs it;
+    * what the attention kernel saves: rotated q and k, v (after Ulysses' all-to-all a GPU holds
+      every token of ``heads / SP`` heads, the size of its slice of every head; KV heads repeated
+      up to SP when fewer), its output and the fp32 log-sum-exp per head;
+    * under Ulysses (SP > 1) the output's all-to-all back makes o_proj's input a storage of its
+      own (at SP = 1 it is a view of the kernel's output);
+    * the MLP's gate, its activation and up (SiLU's and the product's inputs), and the product
+      where down_proj has an adapter; a tiled MLP (model.mlp_tiles) holds them for one tile;
+    * each adapter's r-wide intermediate.
+
+    The frozen projections save no inputs; the rotary tables are shared by all layers (not counted)."""
+    t = set(w.targets)
+    q = s.heads * s.head_dim
+    kv = max(s.kv_heads, w.sequence_parallel) * s.head_dim
+    adapted_norm_outputs = bool(t & {"q_proj", "k_proj", "v_proj"}) + bool(t & {"gate_proj", "up_proj"})
+    norms = 2 * 4 * (s.hidden + 1) + 2 * s.hidden * adapted_norm_outputs
+    attention = 2 * (2 * q + 2 * kv) + (2 * q if w.sequence_parallel > 1 else 0) + 4 * s.heads
+    mlp = 2 * s.intermediate * (3 + ("down_proj" in t)) / w.mlp_tiles
+    return norms + attention + mlp + 2 * w.rank * len(t & set(TARGETS))
 
 
 def loss_path_bytes(s: Shape, tokens: int, chunked: bool = True) -> float:
@@ -147,7 +164,7 @@ def memory(layout: str, s: Shape, ds: dict, c: Cluster, w: Workload) -> dict:
     # overlap_comm's reduce buckets (about 4.5 x the bucket) in the communication dtype (fp32)
     buffers = 4.5 * z.get("reduce_bucket_size", s.hidden ** 2) * 4
     tokens = w.tokens
-    per_layer = activation_bytes_per_token_layer(s, w.mlp_tiles) * tokens
+    per_layer = activation_bytes_per_token_layer(s, w) * tokens
     # with checkpointing the layer inputs stay, one layer is recomputed; activation offload keeps
     # the newest input and those whose copy to host is in flight (activation_offload.py)
     inputs_on_gpu, inputs_on_host = activation_inputs(s, w)
