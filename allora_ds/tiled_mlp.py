@@ -6,25 +6,23 @@ time; backward recomputes each slice. DeepSpeed's ``TiledMLP`` autograd function
 it into the model.
 
 Why not DeepSpeed's example wrapper: it all-reduces the tile count over ranks on every call (a host
-sync and a collective per layer), and it passes a tile count torch.chunk may not produce (9 tokens
-in 4 tiles are 3 slices of 3), in which case ``TiledMLP`` never marks the adapters' gradients ready
-and ZeRO silently drops them. Here every rank uses the same count, from the config, corrected to the
-number of slices torch.chunk makes.
+sync and a collective per layer). Under ZeRO-3 every rank must call the MLP's projections equally
+often, each call gathers their weights, so the count of slices may not depend on a rank's row
+lengths; and torch.chunk makes fewer slices than asked for when the rows do not split evenly (9
+tokens in 4 tiles are 3 slices of 3; 30 tokens in 50 tiles are 30), in which case ``TiledMLP`` never
+marks the adapters' gradients ready and ZeRO silently drops them. Here the flattened rows are
+padded with zero rows to a multiple of the tile count, so every rank runs exactly
+``model.mlp_tiles`` slices whatever its lengths; a zero row's output is zero (Llama's MLP has no
+bias) and is cut off, so it adds nothing to any gradient.
 """
 
 from __future__ import annotations
 
-import math
 import types
 
 import torch
 
 from allora_ds.errors import UserError
-
-
-def slices(n: int, tiles: int) -> int:
-    """How many pieces ``torch.chunk`` cuts ``n`` rows into when asked for ``tiles``."""
-    return math.ceil(n / math.ceil(n / tiles)) if n else 1
 
 
 def check(tiles: int) -> None:
@@ -50,9 +48,15 @@ def install(model, tiles: int) -> int:
     def tiled_forward(mlp, x):
         if not (torch.is_grad_enabled() and mlp.training):  # eval and generation: nothing to save
             return type(mlp).forward(mlp, x)
-        n = x.numel() // x.shape[-1]  # TiledMLP's backward cuts the flattened rows
+        # [rows, hidden]: TiledMLP's forward cuts dim -2 and its backward the flattened rows, the
+        # same slices only for a 2-D input
+        rows = x.reshape(-1, x.shape[-1])
+        n = rows.shape[0]
+        if n % tiles:  # a copy of the input, only when the row count does not split evenly
+            rows = torch.cat([rows, rows.new_zeros(tiles - n % tiles, rows.shape[1])])
         params = [p for p in mlp.parameters() if p.requires_grad]
-        return TiledMLP.apply(type(mlp).forward, mlp, x, slices(n, tiles), params)
+        out = TiledMLP.apply(type(mlp).forward, mlp, rows, tiles, params)
+        return out[:n].reshape(*x.shape[:-1], out.shape[-1])
 
     for layer in layers:
         layer.mlp.forward = types.MethodType(tiled_forward, layer.mlp)

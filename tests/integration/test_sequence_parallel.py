@@ -130,13 +130,23 @@ def test_sp4_repeating_kv_heads_equals_one_rank(setups, tmp_path):
     (1, ["train.deepspeed=ZERO2"]),
 ])
 def test_tiled_mlp_gradients_equal_untiled(setups, tmp_path, zero2_fp32, nprocs, overrides):
-    """50 tiles of micro-batches of 4 rows: torch.chunk cuts most of them into fewer slices (e.g.
-    384 rows into 48), which with DeepSpeed's own tile count would leave the MLP adapters'
-    gradients unreduced under ZeRO-3 (tiled_mlp.py)."""
+    """50 tiles of micro-batches of 4 rows: torch.chunk alone cuts most of them into fewer slices
+    (e.g. 384 rows into 48), which with DeepSpeed's own tile count would leave the MLP adapters'
+    gradients unreduced under ZeRO-3; the rows are padded to whole tiles (tiled_mlp.py)."""
     config, ref = setups("zero3-allora")
     overrides = [o.replace("ZERO2", str(zero2_fp32)) for o in overrides]
     got = _worker(config, tmp_path / "tiled.safetensors", nprocs, "model.mlp_tiles=50", *overrides)
     _assert_same(got, ref, f"tiled MLP {overrides}")
+
+
+def test_tiled_mlp_under_zero3_on_ranks_whose_rows_differ_in_length(setups, tmp_path):
+    """2 data-parallel ZeRO-3 ranks, one row of its own length per micro-batch, 50 tiles of rows of
+    25-45 tokens: without the padding to whole tiles each rank ran as many slices as its row had
+    tokens, so the ranks gathered the MLP weights a different number of times (gloo broke off)."""
+    config, _ = setups("zero3-allora-prompt-heavy")
+    ref = _worker(config, tmp_path / "dp2.safetensors", 2)
+    got = _worker(config, tmp_path / "dp2-tiled.safetensors", 2, "model.mlp_tiles=50")
+    _assert_same(got, ref, "tiled MLP, ZeRO-3 DP=2")
 
 
 @pytest.mark.parametrize("nprocs, overrides", [

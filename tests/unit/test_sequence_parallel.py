@@ -139,12 +139,26 @@ def test_deepspeed_batch_counts_data_parallel_ranks(tmp_path):
     assert ds["train_batch_size"] == 1 * 2 * 2 and ds["sequence_parallel_size"] == 4
 
 
-def test_tile_count_is_what_torch_chunk_makes():
-    from allora_ds.tiled_mlp import slices
+@needs_ulysses
+@pytest.mark.parametrize("rows, tokens", [(1, 30), (2, 9), (1, 64), (3, 7)])
+def test_every_row_count_runs_exactly_the_configured_tiles(tiny_model, rows, tokens):
+    """ZeRO-3 gathers the MLP's weights on every call of its projections: ranks whose rows differ in
+    length must still call them equally often, in forward and in backward (torch.chunk alone makes
+    30 slices of 30 tokens asked for 50, 3 of 9 asked for 4)."""
+    from transformers import AutoModelForCausalLM
 
-    for n in range(1, 80):
-        for tiles in range(1, 12):
-            assert slices(n, tiles) == len(torch.chunk(torch.empty(n), tiles)), (n, tiles)
+    from allora_ds import tiled_mlp
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    tiled_mlp.install(model, 50 if tokens == 30 else 4)
+    calls = []
+    model.model.layers[0].mlp.gate_proj.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    model.train()
+    ids = torch.randint(3, model.config.vocab_size, (rows, tokens), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    tiles = 50 if tokens == 30 else 4
+    assert len(calls) == 2 * tiles, calls  # forward and the backward's recompute
+    assert sum(calls) == 2 * -(-rows * tokens // tiles) * tiles
 
 
 @needs_ulysses
