@@ -20,7 +20,7 @@ demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/demo.sh $(DEMO)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # The markers are declared in pyproject.toml; CONTRIBUTING.md says which tests guard what.
 test-fast: setup
